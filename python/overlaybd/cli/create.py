@@ -1,0 +1,5 @@
+"""overlaybd-create (placeholder until implemented)."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    raise SystemExit("not implemented yet")

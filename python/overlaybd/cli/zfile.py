@@ -1,0 +1,5 @@
+"""overlaybd-zfile (placeholder until implemented)."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    raise SystemExit("not implemented yet")

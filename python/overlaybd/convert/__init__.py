@@ -1,0 +1,1 @@
+"""convert package (see docs/architecture.md)."""

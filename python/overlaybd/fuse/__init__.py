@@ -1,0 +1,1 @@
+"""fuse package (see docs/architecture.md)."""

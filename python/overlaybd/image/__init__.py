@@ -1,0 +1,1 @@
+"""image package (see docs/architecture.md)."""

@@ -1,0 +1,1 @@
+"""registry package (see docs/architecture.md)."""

@@ -1,0 +1,1 @@
+"""snapshotter package (see docs/architecture.md)."""

@@ -1,0 +1,1 @@
+"""tcmu package (see docs/architecture.md)."""
