@@ -5,11 +5,14 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: all venv test test-fast lint bench smoke clean
+.PHONY: all venv protos test test-fast lint bench smoke clean
 
 all: smoke
 
-venv: $(VENV)/.installed
+venv: $(VENV)/.installed protos
+
+protos: $(VENV)/.installed
+	$(VPY) python/gen_protos.py
 
 $(VENV)/.installed: python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
