@@ -1,0 +1,98 @@
+"""Per-block compression codecs for ZFile (spec §2.4).
+
+Every block is an independent raw LZ4 block (no frame, no size prefix) or a full
+zstd frame (level 3, content size present). Both libraries release the GIL, so a
+thread pool compresses in parallel; their context objects are not thread-safe, so
+each thread keeps its own (thread-local).
+
+Decompression never trusts a size claimed by the data: LZ4 is given a capacity of
+`block_size`; a zstd frame's declared content size is checked against
+`block_size` before the library allocates anything.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import lz4.block
+import zstandard
+
+from .header import ALGO_LZ4, ALGO_ZSTD
+
+ZSTD_LEVEL = 3
+
+Buffer = bytes | bytearray | memoryview
+
+_tls = threading.local()
+
+
+class DecodeError(Exception):
+    """A block did not decompress to the expected length (caller adds file/field context)."""
+
+
+def _zstd_cctx() -> zstandard.ZstdCompressor:
+    c = getattr(_tls, "zstd_c", None)
+    if c is None:
+        c = _tls.zstd_c = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+    return c
+
+
+def _zstd_dctx() -> zstandard.ZstdDecompressor:
+    d = getattr(_tls, "zstd_d", None)
+    if d is None:
+        d = _tls.zstd_d = zstandard.ZstdDecompressor()
+    return d
+
+
+def _lz4_compress(data: Buffer) -> bytes:
+    return lz4.block.compress(data, mode="default", store_size=False)
+
+
+def _zstd_compress(data: Buffer) -> bytes:
+    return _zstd_cctx().compress(data)
+
+
+def compressor(algo: int) -> Callable[[Buffer], bytes]:
+    """The block compressor for a header `algo` value."""
+    if algo == ALGO_LZ4:
+        return _lz4_compress
+    if algo == ALGO_ZSTD:
+        return _zstd_compress
+    raise ValueError(f"unsupported ZFile algorithm {algo}")
+
+
+def _lz4_decompress(data: Buffer, capacity: int) -> bytes:
+    try:
+        return lz4.block.decompress(data, uncompressed_size=capacity)
+    except lz4.block.LZ4BlockError as e:
+        raise DecodeError(f"lz4: {e}") from e
+
+
+def _zstd_decompress(data: Buffer, capacity: int) -> bytes:
+    try:
+        declared = zstandard.frame_content_size(data)
+    except zstandard.ZstdError as e:
+        raise DecodeError(f"zstd frame header: {e}") from e
+    if declared > capacity:
+        raise DecodeError(f"zstd frame claims {declared} bytes, block capacity is {capacity}")
+    try:
+        if declared < 0:  # unknown size: let zstd bound the output itself
+            return _zstd_dctx().decompress(data, max_output_size=capacity)
+        return _zstd_dctx().decompress(data)
+    except zstandard.ZstdError as e:
+        raise DecodeError(f"zstd: {e}") from e
+
+
+def decompressor(algo: int) -> Callable[[Buffer, int], bytes]:
+    """The block decompressor `(data, capacity) -> bytes` for a header `algo` value."""
+    if algo == ALGO_LZ4:
+        return _lz4_decompress
+    if algo == ALGO_ZSTD:
+        return _zstd_decompress
+    raise ValueError(f"unsupported ZFile algorithm {algo}")
+
+
+def max_compressed_len(block_size: int) -> int:
+    """Generous upper bound of one stored block (LZ4/zstd worst-case expansion + CRC)."""
+    return block_size + block_size // 255 + 1024
