@@ -1,5 +1,62 @@
-"""overlaybd-merge (placeholder until implemented)."""
+"""overlaybd-merge: flatten every lower of a config.v1.json into one committed layer.
+
+Upstream semantics: uuid null, parent uuid of the bottom layer, tags = layer index from
+the top; output a ZFile (lz4, block CRCs, header not overwritten) unless
+`--compress=false`; `-t` tar-wraps it. The config's `resultFile` gets `success` or
+`failed:<reason>` as when a device is opened.
+"""
+
+from __future__ import annotations
+
+from .toolrun import LayerOutput, ToolError, load_service, parse_bool, parser, run
+
+TOOL = "overlaybd-merge"
 
 
 def main(argv: list[str] | None = None) -> int:
-    raise SystemExit("not implemented yet")
+    p = parser(TOOL, "Merge (flatten) the layers of an overlaybd image into one layer.")
+    p.add_argument(
+        "--compress",
+        type=parse_bool,
+        nargs="?",
+        const=True,
+        default=True,
+        help="ZFile-compress the output (default true; --compress=false for a plain layer)",
+    )
+    p.add_argument("-t", dest="tar", action="store_true", help="tar-wrap the output")
+    p.add_argument("-f", dest="force", action="store_true", help="replace an existing output (ours)")
+    p.add_argument("--service_config_path", help="overlaybd.json (default /etc/overlaybd/overlaybd.json if present)")
+    p.add_argument("--upload", help="push the result to a registry (not supported)")
+    p.add_argument("--verbose", action="store_true", help="ignored")
+    p.add_argument("config", help="config.v1.json of the image")
+    p.add_argument("out", help="output layer file")
+    args = p.parse_args(argv)
+    return run(TOOL, lambda: merge(args))
+
+
+def merge(args) -> int:
+    from ..config.device import load_device_config
+    from ..format import lsmt
+    from ..image import close_all, open_lowers, write_result_file
+
+    if args.upload:
+        raise ToolError("--upload: not supported; push the output file instead")
+    service = load_service(args.service_config_path)
+    cfg = load_device_config(args.config)
+    if cfg.writable:
+        raise ToolError(f"{args.config}: upper: merging a writable layer is not supported; commit it first")
+    if not cfg.lowers:
+        raise ToolError(f"{args.config}: lowers: nothing to merge")
+    owned: list = []
+    try:
+        try:
+            layers = open_lowers(cfg, service, None, owned)
+        except Exception as e:
+            write_result_file(cfg.result_file, f"failed:{getattr(e, 'message', e)}")
+            raise
+        write_result_file(cfg.result_file, "success")
+        with LayerOutput(args.out, force=args.force, zfile=args.compress, tar=args.tar) as sink:
+            lsmt.merge(layers, sink)
+    finally:
+        close_all(list(reversed(owned)))
+    return 0

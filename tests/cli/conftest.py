@@ -1,0 +1,12 @@
+"""Fixtures of the CLI tests."""
+
+from __future__ import annotations
+
+import pytest
+from cli_helpers import run_tool
+
+
+@pytest.fixture
+def tool():
+    """run_tool(name, *args, input=None, check=True) -> CompletedProcess."""
+    return run_tool
