@@ -177,11 +177,11 @@ def test_corrupt_layer_names_lower(vectors: Path, write_config, tmp_path: Path) 
     assert e.value.field == "lowers[1]" and "bad.commit" in str(e.value) and "trailer" in str(e.value)
 
 
-def test_turbooci_refused(vectors: Path, write_config) -> None:
+def test_turbooci_missing_target_names_it(vectors: Path, write_config) -> None:
     cfg = write_config(
         {"lowers": [{"file": str(vectors / "turbooci" / "toci.commit"), "targetFile": str(vectors / "x")}]}
     )
-    with pytest.raises(LayerOpenError, match="TurboOCI"):
+    with pytest.raises(ImageOpenError, match=r"lowers\[0\].*cannot open"):
         open_image(cfg)
 
 
@@ -213,3 +213,32 @@ def test_no_fd_leak_on_failure(vectors: Path, write_config, tmp_path: Path) -> N
         with pytest.raises(LayerOpenError):
             open_image(cfg)
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+TOCI_SHA = "691cb80c6a3450794e6d26442e6033d821ea8eb3443a59064c91c48915cc6c04"
+
+
+def test_turbooci_lower_reads_through_target_file(vectors: Path, write_config, tmp_path: Path) -> None:
+    """turbooci/ro.config.v1.json: fs metadata in toci.commit, file data read from layer.tar."""
+    cfg = write_config(
+        {
+            "lowers": [
+                {
+                    "file": str(vectors / "turbooci" / "toci.commit"),
+                    "targetFile": str(vectors / "turbooci" / "layer.tar"),
+                }
+            ],
+            "resultFile": str(tmp_path / "result"),
+        }
+    )
+    with open_image(cfg) as img:
+        assert img.size() == 1 << 30
+        assert disk_sha(img) == TOCI_SHA
+
+
+def test_turbooci_remote_target_is_refused_by_name(vectors: Path, write_config, tmp_path: Path) -> None:
+    cfg = write_config(
+        {"lowers": [{"file": str(vectors / "turbooci" / "toci.commit"), "targetDigest": "sha256:" + "0" * 64}]}
+    )
+    with pytest.raises(LayerOpenError, match="targetDigest"):
+        open_image(cfg)

@@ -8,8 +8,9 @@ Like upstream's `create_image_file`, the outcome is written to `resultFile`
 
 Not implemented yet (TODO): trace record/replay (`recordTracePath`, the acceleration
 layer's `trace` file) — the acceleration layer is dropped from the stack as upstream
-does, but its trace is not replayed; TurboOCI lowers/uppers (`targetFile`,
-`targetDigest`, `upper.target`) are refused with a clear error.
+does, but its trace is not replayed. TurboOCI layers read their target from a local
+`targetFile` (lower) or `upper.target`; remote/gzip targets (`targetDigest`, `gzipIndex`)
+are refused with a clear error.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from ..config.device import DeviceConfig, load_device_config
 from ..config.schema import ConfigError
 from ..format.atomic import atomic_write_bytes
 from ..format.errors import FormatError, ReadOnly
+from ..format.fileio import LocalFile
 from .layers import LayerOpenError, RemoteOpener, open_lower_source
 
 log = logging.getLogger(__name__)
@@ -121,7 +123,10 @@ def open_lowers(cfg: DeviceConfig, service: Any, remote_opener: RemoteOpener | N
         src = open_lower_source(name, i, lower, cfg.repo_blob_url, service, remote_opener, cfg.download)
         owned.append(src)
         try:
-            layer = opener.open_layer(src)
+            if lower.target_file:
+                layer = _open_warp_lower(src, lower.target_file)
+            else:
+                layer = opener.open_layer(src)
         except FormatError as e:
             raise ImageOpenError(name, f"lowers[{i}]", str(e)) from e
         owned[-1] = layer  # the layer owns (and closes) its source
@@ -129,12 +134,24 @@ def open_lowers(cfg: DeviceConfig, service: Any, remote_opener: RemoteOpener | N
     return layers
 
 
+def _open_warp_lower(src: Any, target_path: str) -> Any:
+    """A TurboOCI lower: the committed fs-meta layer plus the original layer tar it points into."""
+    from ..format import lsmt, opener
+
+    target = LocalFile(target_path)
+    try:
+        return lsmt.open_warp_ro(opener.unwrap(src), target)
+    except BaseException:
+        target.close()
+        raise
+
+
 def _open(cfg: DeviceConfig, service: Any, remote_opener: RemoteOpener | None) -> Image:
     from ..format import lsmt
 
     name = cfg.path or "<config>"
-    if cfg.upper is not None and cfg.upper.target:
-        raise ImageOpenError(name, "upper.target", "TurboOCI writable layers are not supported")
+    if cfg.upper is not None and cfg.upper.gzip_index:
+        raise ImageOpenError(name, "upper.gzipIndex", "TurboOCI writable layers over a gzip target are not supported")
     if not effective_lowers(cfg) and not cfg.writable:
         raise ImageOpenError(name, "lowers", "no layers to open")
     if cfg.record_trace_path:
@@ -145,7 +162,10 @@ def _open(cfg: DeviceConfig, service: Any, remote_opener: RemoteOpener | None) -
         upper = None
         if cfg.writable:
             try:
-                upper = lsmt.open_rw(cfg.upper.data, cfg.upper.index)
+                if cfg.upper.target:
+                    upper = lsmt.open_warp_rw(cfg.upper.data, cfg.upper.index, target=LocalFile(cfg.upper.target))
+                else:
+                    upper = lsmt.open_rw(cfg.upper.data, cfg.upper.index)
             except (FormatError, OSError) as e:
                 raise ImageOpenError(name, "upper", str(e)) from e
             owned.append(upper)

@@ -82,8 +82,10 @@ def open_lower_source(
     the default registry opener, which schedules the background download into `lower.dir`.
     """
     field = f"lowers[{index}]"
-    if lower.target_file or lower.target_digest:
-        raise LayerOpenError(config_path, field, "TurboOCI layers (targetFile/targetDigest) are not supported")
+    if lower.target_digest or lower.gzip_index:
+        raise LayerOpenError(
+            config_path, field, "TurboOCI over a remote or gzip target (targetDigest/gzipIndex) is not supported"
+        )
     local = find_local(lower)
     if local is not None:
         try:

@@ -30,6 +30,7 @@ from .mapping import (
 from .readonly import MAX_RO_INDEX_SIZE, ReadOnlyLayer, open_ro
 from .seal import seal
 from .stack import MAX_STACK_LAYERS, Stack
+from .warp import WarpLayer, WarpWritableLayer, commit_warp, create_warp_rw, open_warp_ro, open_warp_rw
 from .writable import MAX_IO_SIZE, WritableLayer, create_rw, open_rw
 
 __all__ = [
@@ -51,16 +52,22 @@ __all__ = [
     "Mapping",
     "ReadOnlyLayer",
     "Stack",
+    "WarpLayer",
+    "WarpWritableLayer",
     "WritableLayer",
     "commit",
+    "commit_warp",
     "compact",
     "compress_raw_index",
     "create_rw",
+    "create_warp_rw",
     "merge",
     "merge_columns",
     "merge_indexes",
     "open_ro",
     "open_rw",
+    "open_warp_ro",
+    "open_warp_rw",
     "pack_records",
     "random_uuid",
     "normalize_uuid",
