@@ -45,8 +45,6 @@ def commit(args) -> int:
     from ..format import lsmt
     from ..format.fileio import LocalFile
 
-    if args.turbo_oci:
-        raise ToolError("--turboOCI: TurboOCI layers are not supported")
     if args.upload:
         raise ToolError("--upload: pushing while committing is not supported; push the output file instead")
     if args.compress_threads is not None and args.compress_threads < 1:
@@ -72,7 +70,12 @@ def commit(args) -> int:
         if len(files) != 3:
             raise ToolError("expected DATA INDEX OUT")
         data, index, out = files
-        source = lsmt.open_rw(data, index, readonly=True)
+        if args.turbo_oci:
+            # The warp layer's remote mappings (tag 1) point into the original layer tar; they
+            # are copied verbatim, so the target itself is not needed to commit.
+            source = lsmt.open_warp_rw(data, index, readonly=True)
+        else:
+            source = lsmt.open_rw(data, index, readonly=True)
         closers = [source]
     try:
         with LayerOutput(
@@ -85,7 +88,10 @@ def commit(args) -> int:
             overwrite_header=True,
             threads=args.compress_threads,
         ) as sink:
-            lsmt.commit(source, sink, uuid=args.uuid, parent_uuid=args.parent_uuid, user_tag=tag)
+            if args.turbo_oci:
+                lsmt.commit_warp(source, sink, uuid=args.uuid, parent_uuid=args.parent_uuid)
+            else:
+                lsmt.commit(source, sink, uuid=args.uuid, parent_uuid=args.parent_uuid, user_tag=tag)
     finally:
         for c in closers:
             c.close()

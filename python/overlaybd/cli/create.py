@@ -33,8 +33,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def create(args) -> int:
-    if args.turbo_oci:
-        raise ToolError("--turboOCI/--fastoci: TurboOCI warp layers are not supported")
     if args.mkfs and not args.raw:
         raise ToolError("--mkfs: only supported with --raw (attach the layer and run mkfs on the device instead)")
     for path in (args.data, args.index):
@@ -46,6 +44,11 @@ def create(args) -> int:
     from ..format import lsmt
 
     layer_uuid = args.uuid or str(uuidlib.uuid4()).upper()
+    if args.turbo_oci:
+        # Upstream's warp layer: index file with an LSMT header, data file a plain sparse
+        # fs-meta file of vsize bytes (upstream passes -s too; it is implied here).
+        lsmt.create_warp_rw(args.data, args.index, args.vsize, uuid=layer_uuid, parent_uuid=args.parent_uuid).close()
+        return 0
     layer = lsmt.create_rw(
         args.data, args.index, args.vsize, uuid=layer_uuid, parent_uuid=args.parent_uuid, sparse=args.sparse
     )

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from ..errors import BadIndex, BadMagic, FormatError, Truncated, Unaligned
 from ..fileio import LocalFile, RandomAccessFile, read_exact
 from .compact import PCOPY_STEP, Sink
-from .header import FLAG_DATA, FLAG_HEADER, FLAG_SEALED, HT_SPACE, HeaderTrailer, normalize_uuid, random_uuid
+from .header import FLAG_DATA, FLAG_HEADER, FLAG_SEALED, HT_SPACE, MAGIC0, HeaderTrailer, normalize_uuid, random_uuid
 from .index0 import read_pieces
 from .mapping import (
     INVALID_OFFSET,
@@ -389,6 +389,10 @@ def open_warp_rw(
     index: LocalFile | None = None
     try:
         index = LocalFile(index_path, writable=not readonly)
+        if fsmeta.pread(len(MAGIC0), 0) == MAGIC0:
+            # A warp data file is a raw fs image (its first KiB is the boot block): an LSMT
+            # header there means an append/sparse layer was passed where a warp layer belongs.
+            raise BadMagic(fsmeta.name, "data", "this is an append/sparse layer data file, not a TurboOCI fs-meta file")
         header = _load_warp_index_header(index)
         count = (index.size() - HT_SPACE) // RECORD_SIZE
         if count > MAX_RW_INDEX_SIZE:
