@@ -5,9 +5,29 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: all venv protos test test-fast lint bench smoke clean
+.PHONY: all venv protos test test-fast lint bench smoke clean bundle sysext butane
 
-all: smoke
+all: sysext
+
+# The sysext: target Flatcar release (lockstep: the image merges only on this VERSION_ID; current Stable
+# per /work/shared/spec/flatcar.md) and architecture of this host. build.sh itself requires the version.
+FLATCAR_VERSION ?= 4593.2.5
+SYSEXT_ARCH ?= $(subst x86_64,x86-64,$(subst aarch64,arm64,$(shell uname -m)))
+SYSEXT_FORMAT ?= erofs
+BUILD_ARGS ?=
+
+# Frozen onedir bundle only (= the /usr/local/overlaybd tree) -> out/bundle/.
+bundle: venv
+	./build.sh --bundle-only
+
+# The image -> out/flatcar-overlaybd.raw (+ .sha256, _contents.txt).
+sysext: venv
+	./build.sh --flatcar-version $(FLATCAR_VERSION) --arch $(SYSEXT_ARCH) --format $(SYSEXT_FORMAT) $(BUILD_ARGS)
+
+# Example Butane config (variant flatcar) -> out/overlaybd.bu; set variables with BUTANE_VARS="--var k=v ...".
+BUTANE_VARS ?=
+butane: venv
+	mkdir -p out && $(VENV)/bin/overlaybd-butane $(BUTANE_VARS) -o out/overlaybd.bu && echo "out/overlaybd.bu"
 
 venv: $(VENV)/.installed protos
 

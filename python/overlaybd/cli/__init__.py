@@ -12,4 +12,10 @@ TOOLS: dict[str, str] = {
     "overlaybd-merge": "overlaybd.cli.merge:main",
     "overlaybd-dump": "overlaybd.cli.dump:main",
     "overlaybd-info": "overlaybd.cli.info:main",
+    "overlaybd-cache": "overlaybd.cli.cache:main",
+    "overlaybd-tcmu": "overlaybd.cli.tcmu:main",
+    "overlaybd-snapshotter": "overlaybd.cli.snapshotter:main",
+    "rpull": "overlaybd.cli.rpull:main",
+    "overlaybd-convert": "overlaybd.cli.convert:main",
+    "overlaybd-butane": "overlaybd.cli.butane:main",
 }

@@ -1,0 +1,209 @@
+"""Render the Butane template with typed, validated variables (one table drives parsing, help and docs)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+BUTANE_VERSIONS = ("1.0.0", "1.1.0")
+RW_MODES = ("overlayfs", "dir", "dev")
+TEMPLATE = "overlaybd.bu.j2"
+CONTAINERD_TEMPLATE = "containerd-config.toml.j2"
+
+
+class ButaneVarError(ValueError):
+    """A --var value is invalid; the message names the variable."""
+
+    def __init__(self, name: str, message: str):
+        super().__init__(f"variable {name!r}: {message}")
+        self.name = name
+
+
+def _choice(options: tuple[str, ...]) -> Callable[[str, str], str]:
+    def parse(name: str, value: str) -> str:
+        if value not in options:
+            raise ButaneVarError(name, f"{value!r} is not one of {', '.join(options)}")
+        return value
+
+    return parse
+
+
+def _positive_int(name: str, value: str) -> int:
+    try:
+        n = int(value, 10)
+    except ValueError:
+        raise ButaneVarError(name, f"{value!r} is not an integer") from None
+    if not 1 <= n <= 1 << 20:
+        raise ButaneVarError(name, f"{n} is out of range 1..{1 << 20}")
+    return n
+
+
+def _bool(name: str, value: str) -> bool:
+    v = value.strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise ButaneVarError(name, f"{value!r} is not a boolean (true/false)")
+
+
+def _abs_path(name: str, value: str) -> str:
+    if not value.startswith("/") or os.path.normpath(value) != value or any(c in value for c in "\n\0\"\\"):
+        raise ButaneVarError(name, f"{value!r} is not a clean absolute path")
+    return value
+
+
+def _registry_auth(name: str, value: str) -> tuple[str, str, str]:
+    """HOST[/REPO]=USER:PASSWORD; the password may contain ':' and '='; the user may not contain ':'."""
+    host, sep, cred = value.partition("=")
+    user, sep2, password = cred.partition(":")
+    if not sep or not sep2 or not host or not user:
+        raise ButaneVarError(name, "expected HOST[/REPO]=USER:PASSWORD")
+    if any(c.isspace() for c in host) or host.startswith(("http://", "https://")):
+        raise ButaneVarError(name, f"registry {host!r} must be HOST[:PORT][/REPO] without scheme or spaces")
+    return host, user, password
+
+
+@dataclass(frozen=True)
+class Variable:
+    """One template variable: how to parse it from --var, its default, and what it does."""
+
+    parse: Callable[[str, str], Any]
+    default: Any
+    help: str
+    repeat: bool = False
+
+
+VARIABLES: dict[str, Variable] = {
+    "butane_version": Variable(
+        _choice(BUTANE_VERSIONS), "1.1.0", "Butane flatcar variant version (1.0.0 -> Ignition 3.3.0, 1.1.0 -> 3.4.0)"
+    ),
+    "snapshotter_address": Variable(
+        _abs_path, "/run/overlaybd-snapshotter/overlaybd.sock", "unix socket of overlaybd-snapshotter"
+    ),
+    "registry_auth": Variable(
+        _registry_auth,
+        (),
+        "HOST[/REPO]=USER:PASSWORD, repeatable; writes /etc/overlaybd/cred.json (0600) for lazy loading",
+        repeat=True,
+    ),
+    "cache_size_gb": Variable(
+        _positive_int, None, "registry cache size in GiB; writes /etc/overlaybd/overlaybd.json from the defaults"
+    ),
+    "rw_mode": Variable(
+        _choice(RW_MODES), None, "snapshotter rwMode; writes /etc/overlaybd-snapshotter/config.json from the defaults"
+    ),
+    "cri_snapshotter": Variable(
+        _bool, False, "make overlaybd the CRI snapshotter (kubelet) and forward snapshot annotations"
+    ),
+}
+
+
+def parse_vars(pairs: Iterable[str]) -> dict[str, Any]:
+    """`KEY=VALUE` strings (from --var) -> typed values, defaults filled in."""
+    values: dict[str, Any] = {name: var.default for name, var in VARIABLES.items()}
+    seen: set[str] = set()
+    for pair in pairs:
+        name, sep, raw = pair.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep:
+            raise ButaneVarError(name, "expected KEY=VALUE")
+        var = VARIABLES.get(name)
+        if var is None:
+            raise ButaneVarError(name, f"unknown variable (known: {', '.join(sorted(VARIABLES))})")
+        value = var.parse(name, raw)
+        if var.repeat:
+            values[name] = (*values[name], value)
+        elif name in seen:
+            raise ButaneVarError(name, "given more than once")
+        else:
+            values[name] = value
+        seen.add(name)
+    return values
+
+
+def _resource_dir(bundle_name: str, repo_dir: str, env: str) -> Path:
+    """Templates/defaults: $env, else inside the frozen bundle, else the source checkout."""
+    if os.environ.get(env):
+        return Path(os.environ[env])
+    meipass = getattr(sys, "_MEIPASS", None)
+    if meipass and (Path(meipass) / bundle_name).is_dir():
+        return Path(meipass) / bundle_name
+    return Path(__file__).resolve().parents[3] / repo_dir
+
+
+def template_dir() -> Path:
+    return _resource_dir("overlaybd-butane", "butane", "OVERLAYBD_BUTANE_TEMPLATES")
+
+
+def defaults_dir() -> Path:
+    return _resource_dir("overlaybd-usr-etc", "usr-etc", "OVERLAYBD_USR_ETC")
+
+
+def _to_json(value: Any) -> str:
+    return json.dumps(value, indent=4, sort_keys=False) + "\n"
+
+
+def _toml_str(value: str) -> str:
+    # A JSON string (ASCII, \uXXXX escapes) is a valid TOML basic string.
+    return json.dumps(str(value), ensure_ascii=True)
+
+
+def _cred_json(auths: tuple[tuple[str, str, str], ...]) -> str | None:
+    if not auths:
+        return None
+    doc: dict[str, Any] = {"auths": {}}
+    for host, user, password in auths:
+        if host in doc["auths"]:
+            raise ButaneVarError("registry_auth", f"registry {host!r} given more than once")
+        doc["auths"][host] = {"username": user, "password": password}
+    return _to_json(doc)
+
+
+def _load_default(rel: str) -> dict[str, Any]:
+    path = defaults_dir() / rel
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ButaneVarError("defaults", f"{path}: {e}") from None
+
+
+def render(values: dict[str, Any] | None = None) -> str:
+    """Render the Butane YAML for `values` (output of parse_vars; missing keys take defaults)."""
+    import jinja2  # imported here: keeps start-up of the other tools in the multi-call binary fast
+
+    vals = {name: var.default for name, var in VARIABLES.items()}
+    vals.update(values or {})
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(template_dir())),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        autoescape=False,
+    )
+    env.filters["toml_str"] = _toml_str
+    ctx = dict(vals)
+    ctx["containerd_config"] = env.get_template(CONTAINERD_TEMPLATE).render(**vals)
+    ctx["cred_json"] = _cred_json(tuple(vals["registry_auth"]))
+    ctx["overlaybd_json"] = None
+    if vals["cache_size_gb"] is not None:
+        doc = _load_default("overlaybd/overlaybd.json")
+        doc.setdefault("cacheConfig", {})["cacheSizeGB"] = vals["cache_size_gb"]
+        ctx["overlaybd_json"] = _to_json(doc)
+    ctx["snapshotter_json"] = None
+    if vals["rw_mode"] is not None:
+        doc = _load_default("snapshotter/config.json")
+        doc["rwMode"] = vals["rw_mode"]
+        doc["address"] = vals["snapshotter_address"]
+        ctx["snapshotter_json"] = _to_json(doc)
+    elif vals["snapshotter_address"] != VARIABLES["snapshotter_address"].default:
+        doc = _load_default("snapshotter/config.json")
+        doc["address"] = vals["snapshotter_address"]
+        ctx["snapshotter_json"] = _to_json(doc)
+    return env.get_template(TEMPLATE).render(**ctx)
