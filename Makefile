@@ -5,12 +5,12 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: all venv protos test test-fast lint bench smoke clean bundle sysext butane
+.PHONY: all deps venv protos test test-fast lint bench smoke clean bundle sysext butane
 
 all: sysext
 
 # The sysext: target Flatcar release (lockstep: the image merges only on this VERSION_ID; current Stable
-# per /work/shared/spec/flatcar.md) and architecture of this host. build.sh itself requires the version.
+# per shared/spec/flatcar.md) and architecture of this host. build.sh itself requires the version.
 FLATCAR_VERSION ?= 4593.2.5
 SYSEXT_ARCH ?= $(subst x86_64,x86-64,$(subst aarch64,arm64,$(shell uname -m)))
 SYSEXT_FORMAT ?= erofs
@@ -29,7 +29,11 @@ BUTANE_VARS ?=
 butane: venv
 	mkdir -p out && $(VENV)/bin/overlaybd-butane $(BUTANE_VARS) -o out/overlaybd.bu && echo "out/overlaybd.bu"
 
-venv: $(VENV)/.installed protos
+venv: deps $(VENV)/.installed protos
+
+# Debian packages the build and tests need (.ci/apt-packages.txt); installs only what is missing.
+deps:
+	.ci/install-deps
 
 protos: $(VENV)/.installed
 	$(VPY) python/gen_protos.py
