@@ -62,6 +62,7 @@ lint: venv
 
 bench: venv
 	$(VPY) bench/format.py
+	$(VPY) bench/registry.py
 
 clean:
 	rm -rf $(VENV) build out

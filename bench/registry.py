@@ -1,0 +1,237 @@
+"""Registry read path vs references measured in the same run (real docker-registry on loopback).
+
+1. cold sequential read of a blob (default 256 MiB) through open_remote_blob vs `curl -o` of the same blob
+2. random 4 KiB cold reads per second (fresh cache), vs random 4 KiB `curl` range requests on one connection
+3. warm (cached) sequential and random reads vs the same blob as a local file (LocalFile)
+4. warm random 4 KiB reads through the image stack (L0+L1 vectors from the registry) vs the same stack on local files
+5. "startup" of a realistic layer (the Python stdlib as ext4): the reads `debugfs` makes to cat the files
+   an interpreter imports at start, replayed on the registry-backed image; prints bytes fetched / bytes read
+
+Usage: .venv/bin/python bench/registry.py [--mib 256] [--reads 2000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+
+from overlaybd.config.device import device_config_from_dict  # noqa: E402
+from overlaybd.config.service import service_config_from_dict  # noqa: E402
+from overlaybd.format.fileio import LocalFile  # noqa: E402
+from overlaybd.image.image import open_image  # noqa: E402
+from overlaybd.registry import open_remote_blob  # noqa: E402
+from overlaybd.registry.metrics import METRICS  # noqa: E402
+from registry.conftest import Registry, build_layout  # noqa: E402
+
+VECTORS = Path(os.environ.get("OVERLAYBD_VECTORS", REPO.parent / "shared" / "vectors"))
+CHUNK = 1 << 20
+
+
+def service(cache_dir: str, refill: int = 262144):
+    return service_config_from_dict({"cacheConfig": {"cacheType": "file", "cacheDir": cache_dir, "cacheSizeGB": 4,
+                                                     "refillSize": refill},
+                                     "credentialConfig": {"mode": "file", "path": "/nonexistent"},
+                                     "enableAudit": False})
+
+
+def lower(digest: str, size: int):
+    return device_config_from_dict({"lowers": [{"digest": digest, "size": size}]}).lowers[0]
+
+
+def seq_read(f, size: int) -> float:
+    buf = memoryview(bytearray(CHUNK))
+    t0 = time.perf_counter()
+    off = 0
+    while off < size:
+        n = f.pread_into(buf[: min(CHUNK, size - off)], off)
+        off += n
+    return time.perf_counter() - t0
+
+
+def rand_reads(f, offsets: list[int]) -> float:
+    buf = memoryview(bytearray(4096))
+    t0 = time.perf_counter()
+    for off in offsets:
+        f.pread_into(buf, off)
+    return time.perf_counter() - t0
+
+
+def best(fn, n: int = 3) -> float:
+    return min(fn() for _ in range(n))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--mib", type=int, default=256)
+    ap.add_argument("--reads", type=int, default=2000)
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="obd-bench-reg-"))
+    reg = Registry(tmp / "registry")
+    try:
+        run(args, tmp, reg)
+    finally:
+        reg.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run(args, tmp: Path, reg: Registry) -> None:
+    size = args.mib << 20
+    blob = tmp / "blob.bin"
+    with open(blob, "wb") as f:
+        for _ in range(args.mib):
+            f.write(os.urandom(CHUNK))
+    layers = build_layout(tmp / "oci", "big", [blob])
+    reg.push(tmp / "oci", "big", "bench/big")
+    digest = layers[0]["digest"]
+    repo_url = f"http://{reg.host}/v2/bench/big/blobs"
+    url = f"{repo_url}/{digest}"
+
+    # 1. cold sequential vs curl
+    def curl_once() -> float:
+        out = tmp / "curl.out"
+        t0 = time.perf_counter()
+        subprocess.run(["curl", "-sS", "-o", str(out), url], check=True)
+        dt = time.perf_counter() - t0
+        out.unlink()
+        return dt
+
+
+    def cold_once() -> float:
+        cache = tmp / f"cache-{random.random()}"
+        f = open_remote_blob(repo_url, lower(digest, size), service(str(cache)))
+        dt = seq_read(f, size)
+        f.close()
+        shutil.rmtree(cache)
+        return dt
+
+    curl_times, cold_times = [], []
+    for _ in range(3):  # interleaved so both see the same machine state (page cache, other load)
+        curl_times.append(curl_once())
+        cold_times.append(cold_once())
+    t_curl, t_cold = min(curl_times), min(cold_times)
+    print(f"cold sequential {args.mib} MiB: curl {t_curl:.3f}s ({size / t_curl / 2**20:.0f} MiB/s), "
+          f"overlaybd {t_cold:.3f}s ({size / t_cold / 2**20:.0f} MiB/s)  ratio {t_cold / t_curl:.2f}x (target <= 1.3)")
+
+    # 2. random 4K cold reads/s vs curl ranges on one connection
+    rng = random.Random(7)
+    offsets = [rng.randrange(0, size // 4096) * 4096 for _ in range(args.reads)]
+    cache = tmp / "cache-rand"
+    f = open_remote_blob(repo_url, lower(digest, size), service(str(cache), refill=4096))
+    t_rand = rand_reads(f, offsets)
+    f.close()
+    n_curl = min(300, args.reads)
+    cfg = tmp / "curl.cfg"
+    cfg.write_text("".join(f'url = "{url}"\nrange = "{o}-{o + 4095}"\noutput = "/dev/null"\n'
+                           for o in offsets[:n_curl]))
+    t0 = time.perf_counter()
+    subprocess.run(["curl", "-sS", "-K", str(cfg)], check=True)
+    t_curl_r = time.perf_counter() - t0
+    print(f"random 4K cold (refill 4K): overlaybd {args.reads / t_rand:.0f} reads/s, "
+          f"curl ranges {n_curl / t_curl_r:.0f} reads/s  ratio {(n_curl / t_curl_r) / (args.reads / t_rand):.2f}x")
+
+    # 3. warm vs local file
+    cache = tmp / "cache-warm"
+    f = open_remote_blob(repo_url, lower(digest, size), service(str(cache)))
+    seq_read(f, size)  # populate
+    local = LocalFile(blob)
+    t_warm = best(lambda: seq_read(f, size))
+    t_local = best(lambda: seq_read(local, size))
+    print(f"warm sequential: overlaybd {size / t_warm / 2**20:.0f} MiB/s, local file {size / t_local / 2**20:.0f} "
+          f"MiB/s  ratio {t_warm / t_local:.2f}x")
+    t_warm_r = best(lambda: rand_reads(f, offsets))
+    t_local_r = best(lambda: rand_reads(local, offsets))
+    print(f"warm random 4K: overlaybd {args.reads / t_warm_r:.0f} reads/s, local file {args.reads / t_local_r:.0f} "
+          f"reads/s  ratio {t_warm_r / t_local_r:.2f}x")
+    f.close()
+    local.close()
+
+    # 4. image stack: registry (warm) vs local vector files
+    vec = [VECTORS / "zfile" / "L0.commit.z_lz4", VECTORS / "zfile" / "L1.commit.z_lz4.tar"]
+    vlayers = build_layout(tmp / "oci-vec", "v", vec)
+    reg.push(tmp / "oci-vec", "v", "bench/vec")
+    rcfg = device_config_from_dict({"repoBlobUrl": f"http://{reg.host}/v2/bench/vec/blobs",
+                                    "lowers": [{"digest": x["digest"], "size": x["size"]} for x in vlayers]})
+    lcfg = device_config_from_dict({"lowers": [{"file": str(p)} for p in vec]})
+    svc = service(str(tmp / "cache-vec"))
+    # only where the vectors have data (0..64K, 8M..9M), so every read goes through ZFile and the blob
+    data_pages = list(range(0, 16)) + list(range((8 << 20) // 4096, (9 << 20) // 4096))
+    voffs = [rng.choice(data_pages) * 4096 for _ in range(args.reads)]
+    with open_image(rcfg, svc) as rimg, open_image(lcfg, svc) as limg:
+        rand_reads(rimg, voffs)  # warm the cache
+        t_r = best(lambda: rand_reads(rimg, voffs))
+        t_l = best(lambda: rand_reads(limg, voffs))
+    print(f"image stack warm random 4K: registry-backed {args.reads / t_r:.0f} reads/s, local files "
+          f"{args.reads / t_l:.0f} reads/s  ratio {t_r / t_l:.2f}x (target <= 1.5)")
+
+    startup(tmp, reg)
+
+
+STARTUP_FILES = ["os.py", "site.py", "codecs.py", "io.py", "abc.py", "stat.py", "_collections_abc.py",
+                 "posixpath.py", "genericpath.py", "_sitebuiltins.py", "encodings/__init__.py",
+                 "encodings/utf_8.py", "encodings/aliases.py"]
+
+
+def startup(tmp: Path, reg: Registry) -> None:
+    """A realistic layer: this machine's Python stdlib as an ext4 overlaybd layer (mkfs.ext4 -d, then
+    overlaybd-commit -z -t). "Start-up" = what `debugfs` reads to open the filesystem and cat the files
+    an interpreter imports at start (STARTUP_FILES), recorded with strace and replayed page-aligned on the
+    registry-backed image with the default 256 KiB refill."""
+    src = Path("/usr/lib/python3.11")
+    if not all(shutil.which(t) for t in ("strace", "debugfs", "mkfs.ext4")) or not src.is_dir():
+        print("startup: skipped (needs strace, debugfs, mkfs.ext4 and /usr/lib/python3.11)")
+        return
+    from overlaybd.format import lsmt
+
+    disk = tmp / "disk.img"
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-b", "4096", "-O", "^has_journal", "-d", str(src), str(disk), "256M"],
+                   check=True)
+    rw = lsmt.create_rw(tmp / "l.data", tmp / "l.index", disk.stat().st_size)
+    with open(disk, "rb") as f:
+        off = 0
+        while chunk := f.read(CHUNK):
+            for i in range(0, len(chunk), 65536):
+                piece = chunk[i : i + 65536]
+                if piece.count(0) != len(piece):
+                    rw.pwrite(piece, off + i)
+            off += len(chunk)
+    rw.close()
+    blob = tmp / "layer.commit"
+    subprocess.run([str(REPO / ".venv" / "bin" / "overlaybd-commit"), "-z", "-t", str(tmp / "l.data"),
+                    str(tmp / "l.index"), str(blob)], check=True)
+    layers = build_layout(tmp / "oci-ext4", "e", [blob])
+    reg.push(tmp / "oci-ext4", "e", "bench/ext4")
+    cmds = tmp / "debugfs.cmds"
+    cmds.write_text("".join(f"cat /{name}\n" for name in STARTUP_FILES))
+    tr = subprocess.run(["strace", "-e", "trace=pread64", "debugfs", "-f", str(cmds), str(disk)],
+                        capture_output=True, text=True)
+    reads = [(int(m.group(2)), int(m.group(1))) for m in
+             re.finditer(r"pread64\(\d+, .*?, (\d+), (\d+)\) = \d+", tr.stderr)]
+    rcfg = device_config_from_dict({"repoBlobUrl": f"http://{reg.host}/v2/bench/ext4/blobs",
+                                    "lowers": [{"digest": layers[0]["digest"], "size": layers[0]["size"]}]})
+    before = METRICS.bytes_fetched
+    pages: set[int] = set()
+    with open_image(rcfg, service(str(tmp / "cache-ext4"))) as img:
+        for off, n in reads:  # as the kernel would issue them: whole 4 KiB pages
+            a, e = off // 4096 * 4096, min(img.size(), (off + n + 4095) // 4096 * 4096)
+            img.pread(e - a, a)
+            pages.update(range(a // 4096, e // 4096))
+    read_total = len(pages) * 4096
+    fetched = METRICS.bytes_fetched - before
+    print(f"startup (ext4 of /usr/lib/python3.11, {len(STARTUP_FILES)} files via debugfs, {len(reads)} reads): "
+          f"read {read_total} distinct bytes, fetched {fetched} bytes of a {layers[0]['size']} byte blob; "
+          f"fetched/read {fetched / max(1, read_total):.1f}, fetched/blob {fetched / layers[0]['size']:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,333 @@
+"""Reading a registry blob through the block cache: refill-size fills, in-flight tracking, readahead.
+
+`CachedBlob` is the RandomAccessFile the remote layer hands to the tar/ZFile/LSMT readers. A warm
+read is one `preadv` into the caller's buffer (pages already verified by this open). A miss
+fetches the refill-size blocks it touches, one request per run of missing blocks; fetched bytes
+serve the reader (and any reader waiting for the same blocks) straight from memory while a
+writer thread stores them, so cache-disk latency is off the read path. Sequential streams get
+asynchronous readahead in large requests from a small worker pool.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+from .audit import AuditLog
+from .cache import MARK, PAGE, TOUCH_INTERVAL, BlobStore
+from .metrics import METRICS
+
+log = logging.getLogger(__name__)
+
+READAHEAD_MAX = 16 << 20
+Fetch = Callable[[int, memoryview], int]  # (offset, buffer) -> bytes read, from the source
+
+
+class CachedBlob:
+    """RandomAccessFile over a remote blob through the BlockCache: misses fetch refill-size aligned blocks.
+
+    Sequential readers get asynchronous readahead: big ranges (up to READAHEAD_MAX) are fetched by
+    a small shared worker pool ahead of the reader, so registry round trips overlap with the
+    reader's own work. Blocks being fetched are tracked so no two fetches of a block overlap and a
+    reader that needs an in-flight block waits for it instead of fetching it again.
+    """
+
+    def __init__(self, name: str, store: BlobStore, fetch: Fetch, audit: AuditLog | None = None) -> None:
+        self.name = name
+        self.store = store
+        self._size = store.size
+        self.fetch = fetch
+        self.refill = store.cache.refill
+        self.audit = audit or store.cache.audit
+        self._seq_end = -1
+        self._ra = self.refill
+        self._frontier = 0  # end of the furthest readahead submitted
+        self._streak = 0  # bytes read back to back so far
+        self._inflight: dict[int, _Pending] = {}  # block offset -> the fetch covering it
+        self._lock = threading.Lock()
+
+    def size(self) -> int:
+        return self._size
+
+    def pread(self, size: int, offset: int) -> bytes:
+        buf = bytearray(max(0, min(size, self._size - offset)))
+        n = self.pread_into(memoryview(buf), offset)
+        return bytes(buf[:n])
+
+    def pread_into(self, buf: memoryview, offset: int) -> int:
+        size = self._size
+        n = len(buf)
+        if offset + n > size:
+            if offset >= size:
+                return 0
+            n = size - offset
+            buf = buf[:n]
+        elif n == 0:
+            return 0
+        st = self.store
+        sequential = offset == self._seq_end
+        self._seq_end = offset + n
+        t0 = time.monotonic()
+        if t0 - st.last_touch > TOUCH_INTERVAL:
+            st.touch(t0)
+        if st.fast_read(buf, offset):  # the common warm case: one preadv, nothing else
+            METRICS.cache_hits += 1  # unlocked on purpose: hot path; a lost increment is harmless
+            if sequential:
+                self._sequential(offset + n, n)
+            elif self._streak:
+                self._ra, self._frontier, self._streak = self.refill, 0, 0
+            return n
+        a = offset // PAGE * PAGE
+        b = min((offset + n + PAGE - 1) // PAGE * PAGE, size)
+        if a == offset and b == offset + n:
+            hit = st.read_verified(a, buf)
+        else:
+            tmp = memoryview(bytearray(b - a))
+            hit = st.read_verified(a, tmp)
+            if hit:
+                buf[:] = tmp[offset - a : offset - a + n]
+        if hit:
+            METRICS.cache_hits += 1
+            lat = time.monotonic() - t0
+            if lat >= 0.001:
+                self.audit.event("file:read", pathname=self.name, offset=offset, size=n, latency=int(lat * 1e6))
+        else:
+            METRICS.cache_misses += 1
+        if sequential:
+            self._sequential(offset + n, n)
+        else:
+            self._ra, self._frontier, self._streak = self.refill, 0, 0
+        if not hit:
+            self._fill(buf, offset)
+        return n
+
+    def _sequential(self, end: int, n: int) -> None:
+        """Readahead proportional to the bytes read in this sequential streak (2x, capped): many small
+        contiguous reads (a ZFile walking its blocks) do not balloon it, a long stream does."""
+        self._streak += n
+        self._ra = min(2 * self._streak, READAHEAD_MAX)
+        self._maybe_readahead(end)
+
+    # ----------------------------------------------------------------- fills
+
+    def _claim(self, blocks: list[int]) -> tuple[list[_Pending], list[_Pending]]:
+        """Create pending fetches for blocks not yet in flight (one per run); return (ours, others')."""
+        mine: list[_Pending] = []
+        waits: list[_Pending] = []
+        with self._lock:
+            free = []
+            for blk in blocks:
+                p = self._inflight.get(blk)
+                if p is None:
+                    free.append(blk)
+                elif p not in waits:
+                    waits.append(p)
+            for rs, re_ in self._runs(free):
+                p = _Pending(rs, re_)
+                mine.append(p)
+                for blk in range(rs, re_, self.refill):
+                    self._inflight[blk] = p
+        return mine, waits
+
+    def _done(self, p: _Pending) -> None:
+        """The pending fetch is stored (or failed): later readers go to the cache files again."""
+        with self._lock:
+            for blk in range(p.start, p.end, self.refill):
+                if self._inflight.get(blk) is p:
+                    del self._inflight[blk]
+        p.ready.set()
+        p.finished.set()
+
+    def flush(self) -> None:
+        """Wait until every fetch of this blob in flight has been written to the cache files."""
+        while True:
+            with self._lock:
+                pending = list(set(self._inflight.values()))
+            if not pending:
+                return
+            for p in pending:
+                p.finished.wait()
+
+    def _runs(self, blocks: list[int]) -> list[tuple[int, int]]:
+        runs: list[list[int]] = []
+        for blk in blocks:
+            bend = min(blk + self.refill, self._size)
+            if runs and runs[-1][1] == blk:
+                runs[-1][1] = bend
+            else:
+                runs.append([blk, bend])
+        return [(a, b) for a, b in runs]
+
+    def _fetch(self, p: _Pending) -> None:
+        """Fetch p's range; its data is usable by waiters as soon as it arrives, stored to disk afterwards."""
+        data = memoryview(bytearray(p.end - p.start))
+        t0 = time.monotonic()
+        try:
+            got = self.fetch(p.start, data)
+            if got != len(data):
+                raise OSError(errno.EIO, f"{self.name}: source returned {got} of {len(data)} bytes at {p.start}")
+        except BaseException:
+            self._done(p)
+            raise
+        self.audit.event("download", pathname=self.name, offset=p.start, size=got,
+                         latency=int((time.monotonic() - t0) * 1e6))
+        p.data = data
+        p.ready.set()
+        st = self.store
+        cache = st.cache
+        with cache._lock:
+            st.refs += 1  # keep the files open until the write has landed
+
+        def write() -> None:
+            try:
+                st.store(p.start, data)
+            except Exception as e:  # noqa: BLE001 — a failed cache write only costs a later refetch
+                log.warning("%s: cache write failed: %s", self.name, e)
+            finally:
+                self._done(p)
+                cache.release(st)
+                _WRITES.release(len(data))
+
+        _WRITES.acquire(len(data))
+        _writer_pool().submit(write)
+
+    def _fill(self, view: memoryview, offset: int) -> None:
+        """Serve present blocks from disk, wait for in-flight ones, fetch the rest (one request per run)."""
+        st = self.store
+        R = self.refill
+        end = offset + len(view)
+        missing: list[int] = []
+        blk = offset // R * R
+        while blk < end:
+            bend = min(blk + R, self._size)
+            if blk in self._inflight:
+                missing.append(blk)
+            else:
+                tmp = memoryview(bytearray(bend - blk))
+                if st.read_verified(blk, tmp):
+                    self._copy_out(view, offset, blk, tmp)
+                else:
+                    missing.append(blk)
+            blk = bend
+        mine, waits = self._claim(missing)
+        for i, p in enumerate(mine):
+            try:
+                self._fetch(p)
+            except BaseException:
+                for q in mine[i + 1 :]:  # never fetched: let anyone waiting on them fetch for themselves
+                    self._done(q)
+                raise
+            self._copy_out(view, offset, p.start, p.data)  # type: ignore[arg-type]
+        for p in waits:
+            p.ready.wait()
+            data = p.data
+            if data is not None:
+                self._copy_out(view, offset, p.start, data)
+                continue
+            # the other fetch failed: read what we need ourselves (cache first)
+            lo, hi = max(p.start, offset // R * R), min(p.end, end)
+            for blk in range(lo, hi, R):
+                bend = min(blk + R, self._size)
+                tmp = memoryview(bytearray(bend - blk))
+                if not st.read_verified(blk, tmp):
+                    got = self.fetch(blk, tmp)
+                    if got != len(tmp):
+                        raise OSError(errno.EIO, f"{self.name}: source returned {got} of {len(tmp)} bytes at {blk}")
+                self._copy_out(view, offset, blk, tmp)
+
+    @staticmethod
+    def _copy_out(view: memoryview, offset: int, start: int, data: memoryview) -> None:
+        lo, hi = max(start, offset), min(start + len(data), offset + len(view))
+        if lo < hi:
+            view[lo - offset : hi - offset] = data[lo - start : hi - start]
+
+    def _maybe_readahead(self, end: int) -> None:
+        """Keep up to `_ra` bytes beyond the reader fetched or in flight, in large asynchronous requests."""
+        st = self.store
+        if self._ra < 4 * self.refill or st is None or st.disabled or end >= self._size:
+            return
+        R = self.refill
+        start = max(self._frontier, (end + R - 1) // R * R)
+        if start - end > self._ra // 2 or start >= self._size:
+            return
+        stop = min(start + self._ra, self._size)
+        blocks = []
+        blk = start
+        while blk < stop:
+            if st.records(blk // PAGE, 1)[1] != MARK:
+                blocks.append(blk)
+            blk += R
+        self._frontier = stop
+        mine, _ = self._claim(blocks)
+        for p in mine:
+            _readahead_pool().submit(self._readahead, p)
+
+    def _readahead(self, p: _Pending) -> None:
+        try:
+            self._fetch(p)
+        except Exception as e:  # noqa: BLE001 — readahead is best effort; readers fetch themselves
+            log.debug("%s: readahead failed: %s", self.name, e)
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.flush()
+            self.store.cache.release(self.store)
+            self.store = None  # type: ignore[assignment]
+
+
+class _Pending:
+    """A range being fetched: `ready` is set when `data` arrived (or the fetch failed: data stays None)."""
+
+    __slots__ = ("start", "end", "data", "ready", "finished")
+
+    def __init__(self, start: int, end: int) -> None:
+        self.start = start
+        self.end = end
+        self.data: memoryview | None = None
+        self.ready = threading.Event()
+        self.finished = threading.Event()  # written to the cache files (or given up)
+
+
+class _ByteBudget:
+    """Bounds the fetched-but-not-yet-written bytes (memory) when the cache disk is slower than the network."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self.cv = threading.Condition()
+
+    def acquire(self, n: int) -> None:
+        with self.cv:
+            while self.used > 0 and self.used + n > self.limit:
+                self.cv.wait()
+            self.used += n
+
+    def release(self, n: int) -> None:
+        with self.cv:
+            self.used -= n
+            self.cv.notify_all()
+
+
+_WRITES = _ByteBudget(64 << 20)
+_pools: dict[str, ThreadPoolExecutor] = {}
+_pool_lock = threading.Lock()
+
+
+def _pool(name: str, workers: int) -> ThreadPoolExecutor:
+    with _pool_lock:
+        p = _pools.get(name)
+        if p is None:
+            p = _pools[name] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"overlaybd-{name}")
+        return p
+
+
+def _readahead_pool() -> ThreadPoolExecutor:
+    return _pool("readahead", 2)
+
+
+def _writer_pool() -> ThreadPoolExecutor:
+    return _pool("cache-writer", 1)

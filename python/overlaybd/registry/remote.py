@@ -1,0 +1,182 @@
+"""`open_remote_blob`: a lower layer that lives in a registry, as a RandomAccessFile.
+
+The returned `RemoteBlobFile` is upstream's SwitchFile: it serves reads from the
+registry through the block cache until background download has placed the whole,
+digest-verified blob at `<dir>/overlaybd.commit`, then serves them from that local
+file. The bytes are identical (the blob is the tar-wrapped ZFile either way), so
+the tar -> zfile -> LSMT readers stacked above never notice the switch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Any
+
+from ..format.fileio import LocalFile
+from .audit import audit_for
+from .cache import PAGE, cache_for
+from .cached_blob import CachedBlob
+from .client import RegistryClient, client_for
+from .metrics import METRICS, maybe_start_exporter
+from .reference import BlobLocation, blob_url, parse_blob_url
+
+log = logging.getLogger(__name__)
+
+
+class DirectBlob:
+    """Uncached remote reads (cacheType `download`, or a P2P proxy doing the caching)."""
+
+    def __init__(self, name: str, client: RegistryClient, loc: BlobLocation, size: int) -> None:
+        self.name = name
+        self.client = client
+        self.loc = loc
+        self._size = size
+
+    def size(self) -> int:
+        return self._size
+
+    def pread_into(self, buf: memoryview, offset: int) -> int:
+        n = max(0, min(len(buf), self._size - offset))
+        return self.client.read_range(self.loc, offset, buf[:n]) if n else 0
+
+    def pread(self, size: int, offset: int) -> bytes:
+        buf = bytearray(max(0, min(size, self._size - offset)))
+        n = self.pread_into(memoryview(buf), offset)
+        return bytes(buf[:n])
+
+    def close(self) -> None:
+        pass
+
+
+class RemoteBlobFile:
+    """A registry blob that switches to a local copy once background download has verified one."""
+
+    def __init__(self, url: str, client: RegistryClient, loc: BlobLocation, size: int, remote: Any,
+                 layer_dir: str = "") -> None:
+        self.name = url
+        self.client = client
+        self.loc = loc
+        self._size = size
+        self.remote = remote
+        self.layer_dir = layer_dir
+        self.local: LocalFile | None = None
+        self._lock = threading.Lock()
+        self.closed = False
+        # Bound straight to the current source: one Python call less per read on the hot path.
+        self.pread_into = remote.pread_into  # type: ignore[method-assign]
+
+    @property
+    def digest(self) -> str:
+        return self.loc.digest
+
+    def size(self) -> int:
+        return self._size
+
+    def pread_into(self, buf: memoryview, offset: int) -> int:  # replaced per instance in __init__/switch_to
+        return (self.local or self.remote).pread_into(buf, offset)
+
+    def pread(self, size: int, offset: int) -> bytes:
+        f = self.local or self.remote
+        return f.pread(size, offset)
+
+    def read_for_download(self, view: memoryview, offset: int) -> int:
+        """A block for background download: from the cache if present, else straight from the registry
+        (not cached, so downloading a whole layer does not flush the cache)."""
+        n = max(0, min(len(view), self._size - offset))
+        view = view[:n]
+        if isinstance(self.remote, CachedBlob) and offset % PAGE == 0 and self.remote.store is not None:
+            if self.remote.store.read_verified(offset, view):
+                return n
+        return self.client.read_range(self.loc, offset, view)
+
+    def switch_to(self, path: str) -> None:
+        """Serve from a complete local copy from now on."""
+        f = LocalFile(path)
+        if f.size() != self._size:
+            f.close()
+            raise OSError(f"{path}: size {f.size()} != blob size {self._size}; not switching")
+        with self._lock:
+            if self.closed:
+                f.close()
+                return
+            self.local = f
+            self.pread_into = f.pread_into  # type: ignore[method-assign]
+        log.info("%s: switched to local copy %s", self.name, path)
+
+    @property
+    def switched(self) -> bool:
+        return self.local is not None
+
+    def close(self) -> None:
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+            if self.local is not None:
+                self.local.close()
+            self.remote.close()
+        from .download import DOWNLOADER
+
+        DOWNLOADER.cancel(self)
+
+    def __repr__(self) -> str:
+        return f"RemoteBlobFile({self.name!r}, switched={self.switched})"
+
+
+_DEFAULT: list[Any] = []
+
+
+def _default_service() -> Any:
+    """One default ServiceConfig per process, so callers passing None still share one client and cache."""
+    if not _DEFAULT:
+        from ..config.service import default_service_config
+
+        _DEFAULT.append(default_service_config())
+    return _DEFAULT[0]
+
+
+def open_remote_blob(repo_blob_url: str, lower: Any, service: Any = None, download: Any = None) -> RemoteBlobFile:
+    """Open `lower.digest` under `repo_blob_url` lazily (cache + optional background download).
+
+    `download` is the device config's `download` section (None -> the service's).
+    Raises RegistryError (an OSError naming registry/repository/digest/status) when the
+    blob cannot be reached, ReferenceError for a malformed URL/digest.
+    """
+    if service is None:
+        service = _default_service()
+    maybe_start_exporter(service)
+    client = client_for(service)
+    loc = parse_blob_url(repo_blob_url, lower.digest)
+    url = blob_url(repo_blob_url, lower.digest)
+    audit = audit_for(service)
+    cache = cache_for(service, audit)
+    if lower.size and cache is not None and cache.cached_size(loc.digest) == lower.size:
+        size = lower.size  # cached before (e.g. before a restart): no registry round trip needed to open
+    else:
+        size = client.blob_size(loc)
+        if lower.size and lower.size != size:
+            log.warning("%s: config says size %d, registry says %d; using the registry's", url, lower.size, size)
+    remote: Any = None
+    if cache is not None and not client.p2p_address:
+        try:
+            store = cache.open_blob(loc.digest, size)
+        except OSError as e:  # e.g. cache disk full: serve this layer uncached rather than fail
+            log.warning("%s: cannot use the cache in %s (%s); reading uncached", url, cache.dir, e)
+            METRICS.error("cache_open")
+        else:
+            remote = CachedBlob(url, store, lambda off, v: client.read_range(loc, off, v), audit)
+    if remote is None:
+        remote = DirectBlob(url, client, loc, size)
+    f = RemoteBlobFile(url, client, loc, size, remote, lower.dir)
+    dl = download if download is not None else service.download
+    if dl.enable and lower.dir:
+        target = os.path.join(lower.dir, "overlaybd.commit")
+        if os.path.exists(target):
+            f.switch_to(target)
+        else:
+            from .download import DOWNLOADER
+
+            DOWNLOADER.schedule(f, dl, audit)
+    return f
