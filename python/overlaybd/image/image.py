@@ -6,9 +6,11 @@ stack's own `pread_into` bound directly (no extra Python frame per request).
 Like upstream's `create_image_file`, the outcome is written to `resultFile`
 (`success` or `failed:<reason>`), which the snapshotter reads to explain a failed attach.
 
-Not implemented yet (TODO): trace record/replay (`recordTracePath`, the acceleration
-layer's `trace` file) — the acceleration layer is dropped from the stack as upstream
-does, but its trace is not replayed. TurboOCI layers read their target from a local
+Trace prefetch (`recordTracePath`, the acceleration layer's `<dir>/trace`) is `prefetch.py`:
+in record mode the lowers' layer files are wrapped to log their reads; a trace (or a priority
+list of paths) is replayed in background threads once the image is open; both stop when the
+image closes.
+TurboOCI layers read their target from a local
 `targetFile` (lower) or `upper.target`; remote/gzip targets (`targetDigest`, `gzipIndex`)
 are refused with a clear error.
 """
@@ -25,6 +27,15 @@ from ..format.atomic import atomic_write_bytes
 from ..format.errors import FormatError, ReadOnly
 from ..format.fileio import LocalFile
 from .layers import LayerOpenError, RemoteOpener, open_lower_source
+from .prefetch import (
+    DEFAULT_CONCURRENCY,
+    BackgroundReader,
+    PrefetchPlan,
+    PriorityListReplayer,
+    TraceRecorder,
+    TraceReplayer,
+    plan_prefetch,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +58,8 @@ class Image:
         self.config = config
         self.download = download  # effective background-download settings (config's, else the service's)
         self._stack = stack  # owns its layers, which own their byte sources
+        #: the running TraceRecorder/TraceReplayer, if any; stopped by close() before the layers close
+        self.prefetcher: TraceRecorder | BackgroundReader | None = None
         self.vsize: int = stack.vsize
         self.read_only: bool = bool(stack.read_only)
         # Hot path: bind the stack's methods directly.
@@ -74,6 +87,12 @@ class Image:
         stack, self._stack = self._stack, None
         if stack is None:
             return
+        prefetcher, self.prefetcher = self.prefetcher, None
+        if prefetcher is not None:
+            try:
+                prefetcher.close()  # record: dump the trace; replay: stop and join the readers
+            except Exception as e:  # the image must close whatever happened to the prefetch
+                log.warning("%s: stopping trace prefetch: %s", self.name, e)
         stack.close()
 
     def __enter__(self) -> Image:
@@ -113,9 +132,21 @@ def effective_lowers(cfg: DeviceConfig) -> list[Any]:
     return list(cfg.lowers)
 
 
-def open_lowers(cfg: DeviceConfig, service: Any, remote_opener: RemoteOpener | None, owned: list[Any]) -> list[Any]:
-    """Open every lower (bottom -> top) as a read-only LSMT layer; every opened object is appended to `owned`."""
-    from ..format import opener
+def open_lowers(
+    cfg: DeviceConfig,
+    service: Any,
+    remote_opener: RemoteOpener | None,
+    owned: list[Any],
+    *,
+    recorder: TraceRecorder | None = None,
+    layer_files: list[Any] | None = None,
+) -> list[Any]:
+    """Open every lower (bottom -> top) as a read-only LSMT layer; every opened object is appended to `owned`.
+
+    `recorder` wraps each layer file (the LSMT file after tar/ZFile unwrapping) to record its
+    reads; `layer_files` receives those files, bottom first (what a trace's offsets refer to).
+    """
+    from ..format import lsmt, opener
 
     name = cfg.path or "<config>"
     layers = []
@@ -123,10 +154,16 @@ def open_lowers(cfg: DeviceConfig, service: Any, remote_opener: RemoteOpener | N
         src = open_lower_source(name, i, lower, cfg.repo_blob_url, service, remote_opener, cfg.download)
         owned.append(src)
         try:
+            f = opener.unwrap(src)
+            owned[-1] = f  # the unwrapped view owns (and closes) its source
+            if recorder is not None:
+                f = owned[-1] = recorder.wrap(f, i)
+            if layer_files is not None:
+                layer_files.append(f)
             if lower.target_file:
-                layer = _open_warp_lower(src, lower.target_file)
+                layer = _open_warp_lower(f, lower.target_file)
             else:
-                layer = opener.open_layer(src)
+                layer = lsmt.open_ro(f)
         except FormatError as e:
             raise ImageOpenError(name, f"lowers[{i}]", str(e)) from e
         owned[-1] = layer  # the layer owns (and closes) its source
@@ -135,12 +172,12 @@ def open_lowers(cfg: DeviceConfig, service: Any, remote_opener: RemoteOpener | N
 
 
 def _open_warp_lower(src: Any, target_path: str) -> Any:
-    """A TurboOCI lower: the committed fs-meta layer plus the original layer tar it points into."""
-    from ..format import lsmt, opener
+    """A TurboOCI lower: the (unwrapped) committed fs-meta layer plus the original layer tar it points into."""
+    from ..format import lsmt
 
     target = LocalFile(target_path)
     try:
-        return lsmt.open_warp_ro(opener.unwrap(src), target)
+        return lsmt.open_warp_ro(src, target)
     except BaseException:
         target.close()
         raise
@@ -154,11 +191,12 @@ def _open(cfg: DeviceConfig, service: Any, remote_opener: RemoteOpener | None) -
         raise ImageOpenError(name, "upper.gzipIndex", "TurboOCI writable layers over a gzip target are not supported")
     if not effective_lowers(cfg) and not cfg.writable:
         raise ImageOpenError(name, "lowers", "no layers to open")
-    if cfg.record_trace_path:
-        log.warning("%s: recordTracePath: trace record/replay is not implemented; ignored", name)
+    plan = plan_prefetch(cfg, name)
+    recorder = TraceRecorder(plan.path, name) if plan is not None and plan.mode == "record" else None
+    layer_files: list[Any] = []
     owned: list[Any] = []
     try:
-        layers = open_lowers(cfg, service, remote_opener, owned)
+        layers = open_lowers(cfg, service, remote_opener, owned, recorder=recorder, layer_files=layer_files)
         upper = None
         if cfg.writable:
             try:
@@ -177,7 +215,32 @@ def _open(cfg: DeviceConfig, service: Any, remote_opener: RemoteOpener | None) -
         close_all(list(reversed(owned)))
         raise
     download = cfg.download if cfg.download is not None else getattr(service, "download", None)
-    return Image(name, stack, cfg, download)
+    image = Image(name, stack, cfg, download)
+    if plan is not None:
+        image.prefetcher = start_prefetch(plan, image, layer_files, service, recorder)
+    return image
+
+
+def start_prefetch(
+    plan: PrefetchPlan, image: Image, layer_files: list[Any], service: Any, recorder: TraceRecorder | None
+) -> TraceRecorder | BackgroundReader | None:
+    """Begin recording or start the background replay; never raises (prefetch must not fail an image)."""
+    name = image.name
+    try:
+        if plan.mode == "record" and recorder is not None:
+            return recorder if recorder.start() else None
+        prefetch_config = getattr(service, "prefetch_config", None)
+        concurrency = getattr(prefetch_config, "concurrency", DEFAULT_CONCURRENCY) or DEFAULT_CONCURRENCY
+        replayer: BackgroundReader
+        if plan.mode == "replay":
+            replayer = TraceReplayer(plan.path, layer_files, concurrency, name)
+        else:
+            replayer = PriorityListReplayer(plan.path, image, concurrency, name)
+        replayer.start()
+        return replayer
+    except Exception as e:
+        log.warning("%s: trace prefetch (%s of %s) not started: %s", name, plan.mode, plan.path, e)
+    return None
 
 
 def open_image(
