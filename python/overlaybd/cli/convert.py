@@ -1,0 +1,72 @@
+"""`overlaybd-convert SRC DST`: convert an OCI image into an overlaybd image.
+
+SRC/DST are skopeo-style: `oci:DIR[:NAME]` (an OCI layout) or `docker://HOST/REPO:TAG` (a registry,
+moved with skopeo). Needs root (loop devices, mount) and /dev/fuse.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+
+from overlaybd import __version__
+
+
+def _layout_arg(text: str) -> tuple[str, str | None]:
+    body = text[len("oci:"):]
+    path, _, name = body.partition(":")
+    return path, name or None
+
+
+def main(argv: list[str] | None = None) -> int:
+    from overlaybd.convert.convertor import ConvertError, Options, convert_layout, skopeo_copy
+    from overlaybd.convert.extract import LayerError
+    from overlaybd.convert.ocilayout import Layout, LayoutError
+
+    ap = argparse.ArgumentParser(prog="overlaybd-convert", description=__doc__)
+    ap.add_argument("src", help="oci:DIR[:NAME] or docker://REF")
+    ap.add_argument("dst", help="oci:DIR:NAME or docker://REF")
+    ap.add_argument("--fstype", default="ext4", help="filesystem inside the image (ext4)")
+    ap.add_argument("--vsize", type=int, default=64, help="virtual size in GB (default 64)")
+    ap.add_argument("--algorithm", choices=("lz4", "zstd"), default="lz4", help="ZFile compression")
+    ap.add_argument("--bs", type=int, default=4, choices=(4, 8, 16, 32, 64), help="ZFile block size (KiB)")
+    ap.add_argument("--docker", action="store_true", help="Docker v2 manifest instead of OCI")
+    ap.add_argument("--insecure", action="store_true", help="plain HTTP / no TLS verification for registries")
+    ap.add_argument("--work-dir", default=None, help="scratch directory")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    ap.add_argument("--version", action="version", version=f"overlaybd-convert {__version__}")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    opts = Options(vsize_gb=args.vsize, fstype=args.fstype, algorithm=args.algorithm, block_kib=args.bs,
+                   oci=not args.docker)
+    try:
+        with tempfile.TemporaryDirectory(prefix="obdconv-io-", dir=args.work_dir) as tmp:
+            if args.src.startswith("oci:"):
+                src_path, src_name = _layout_arg(args.src)
+            elif args.src.startswith("docker://"):
+                src_path, src_name = f"{tmp}/src", None
+                skopeo_copy(args.src, f"oci:{src_path}:src", insecure=args.insecure)
+            else:
+                ap.error(f"src: expected oci:DIR[:NAME] or docker://REF, got {args.src!r}")
+            if args.dst.startswith("oci:"):
+                dst_path, dst_name = _layout_arg(args.dst)
+                dst_name = dst_name or "latest"
+            elif args.dst.startswith("docker://"):
+                dst_path, dst_name = f"{tmp}/dst", "dst"
+            else:
+                ap.error(f"dst: expected oci:DIR:NAME or docker://REF, got {args.dst!r}")
+            digest = convert_layout(Layout(src_path), Layout(dst_path), dst_name, src_name=src_name, opts=opts,
+                                    work_dir=args.work_dir)
+            if args.dst.startswith("docker://"):
+                skopeo_copy(f"oci:{dst_path}:{dst_name}", args.dst, insecure=args.insecure)
+    except (ConvertError, LayoutError, LayerError, OSError) as e:
+        print(f"overlaybd-convert: {e}", file=sys.stderr)
+        return 1
+    print(digest)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

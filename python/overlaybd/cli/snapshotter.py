@@ -1,0 +1,58 @@
+"""`overlaybd-snapshotter [config.json]`: the containerd proxy snapshotter daemon."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+
+from overlaybd import __version__
+
+LEVELS = {"trace": logging.DEBUG, "debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING,
+          "warning": logging.WARNING, "error": logging.ERROR, "fatal": logging.CRITICAL, "panic": logging.CRITICAL}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from overlaybd.config.schema import ConfigError
+    from overlaybd.config.snapshotter import DEFAULT_PATH, load_config
+
+    ap = argparse.ArgumentParser(prog="overlaybd-snapshotter", description=__doc__)
+    ap.add_argument("config", nargs="?", default=DEFAULT_PATH, help=f"config.json (default {DEFAULT_PATH})")
+    ap.add_argument("--fuse-socket", default=os.environ.get("OVERLAYBD_FUSE_SOCKET", "/run/overlaybd/fuse.sock"),
+                    help="control socket of the overlaybd daemon's FUSE frontend (hosts without TCMU)")
+    ap.add_argument("--version", action="version", version=f"overlaybd-snapshotter {__version__}")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as e:
+        print(f"overlaybd-snapshotter: {e}", file=sys.stderr)
+        return 2
+    fmt = "%(asctime)s %(levelname)s %(name)s" + (" %(funcName)s" if cfg.log_report_caller else "") + ": %(message)s"
+    logging.basicConfig(level=LEVELS.get(cfg.verbose, logging.INFO), format=fmt)
+
+    from overlaybd.snapshotter.devices import default_backend
+    from overlaybd.snapshotter.server import serve
+    from overlaybd.snapshotter.service import Snapshotter
+
+    try:
+        sn = Snapshotter(cfg, default_backend(cfg.tenant, args.fuse_socket))
+        fixed = sn.reconcile()
+        logging.getLogger("overlaybd.snapshotter").info("reconciled on start: %s", fixed)
+        server = serve(sn, cfg.address)
+    except OSError as e:
+        print(f"overlaybd-snapshotter: {e}", file=sys.stderr)
+        return 1
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    server.stop(grace=5).wait()
+    sn.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

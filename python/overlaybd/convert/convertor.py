@@ -1,0 +1,189 @@
+"""OCI image -> overlaybd image, the way upstream's convertor/overlaybd-apply builds layers.
+
+Per source layer: a writable overlaybd layer is stacked on the already converted layers, exposed
+as a block device through the FUSE frontend (+ losetup), formatted (first layer only), mounted,
+and the OCI tar is applied with whiteouts. After unmount the writable layer is committed
+(`overlaybd-commit -z -t`): the result is a tar-wrapped ZFile, the layer blob, whose digest is
+also its diffID. Manifest annotations follow spec format.md §2.7 / flatcar.md §8.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from .extract import apply_layer
+from .ocilayout import (
+    MT_DOCKER_CONFIG,
+    MT_DOCKER_LAYER,
+    MT_DOCKER_MANIFEST,
+    MT_OCI_CONFIG,
+    MT_OCI_LAYER,
+    MT_OCI_MANIFEST,
+    Layout,
+)
+
+log = logging.getLogger(__name__)
+
+LABEL_PREFIX = "containerd.io/snapshot/overlaybd/"
+VERSION = "0.1.0"
+MKFS_EXT4 = ["mkfs.ext4", "-q", "-O", "^has_journal,sparse_super,flex_bg", "-G", "1", "-E", "discard", "-F"]
+
+
+class ConvertError(RuntimeError):
+    """Conversion failed; the message names the layer (index and digest) and the step."""
+
+
+@dataclass
+class Options:
+    vsize_gb: int = 64
+    fstype: str = "ext4"
+    algorithm: str = "lz4"
+    block_kib: int = 4
+    oci: bool = True  # OCI manifest/media types (convertor --oci); False: Docker v2
+
+
+@dataclass
+class ConvertedLayer:
+    digest: str
+    size: int
+    path: str  # committed file (kept as the next layer's lower)
+
+
+def _run(cmd: list[str], what: str) -> None:
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise ConvertError(f"{what}: {' '.join(cmd)}: {r.stderr.strip() or r.returncode}")
+
+
+@contextlib.contextmanager
+def writable_device(config: str, work: str) -> Iterator[str]:
+    """The FUSE frontend serving `config` in this process, loop-attached; always torn down."""
+    from ..fuse.device import FuseDevice, default_opener
+
+    dev = FuseDevice(config, f"conv-{uuid.uuid4().hex[:8]}", os.path.join(work, "run"), default_opener())
+    try:
+        path = dev.start()
+    except Exception as e:
+        raise ConvertError(f"{config}: cannot attach a device: {e}") from e
+    try:
+        yield path
+    finally:
+        dev.stop()
+
+
+@contextlib.contextmanager
+def mounted(device: str, mnt: str, fstype: str) -> Iterator[str]:
+    os.makedirs(mnt, exist_ok=True)
+    _run(["mount", "-t", fstype, device, mnt], f"mount {device}")
+    try:
+        yield mnt
+    finally:
+        r = subprocess.run(["umount", mnt], capture_output=True, text=True)
+        if r.returncode != 0:
+            subprocess.run(["umount", "-l", mnt], capture_output=True)
+
+
+def build_layer(index: int, layer_stream: Any, layer_name: str, lowers: list[str], work: str,
+                opts: Options) -> str:
+    """Apply one OCI layer onto a new writable overlaybd layer over `lowers`; returns the committed blob path."""
+    from ..cli.commit import main as commit_main
+    from ..format import lsmt
+
+    d = os.path.join(work, f"layer{index}")
+    os.makedirs(d)
+    data, idx = os.path.join(d, "writable_data"), os.path.join(d, "writable_index")
+    lsmt.create_rw(data, idx, opts.vsize_gb << 30).close()
+    config = os.path.join(d, "config.v1.json")
+    cfg = {"lowers": [{"file": p} for p in lowers], "upper": {"index": idx, "data": data},
+           "resultFile": os.path.join(d, "init-debug.log")}
+    with open(config, "w") as f:
+        json.dump(cfg, f)
+    with writable_device(config, work) as dev:
+        if index == 0:
+            if opts.fstype != "ext4":
+                raise ConvertError(f"layer {index}: fstype {opts.fstype!r} not supported (ext4 only)")
+            _run([*MKFS_EXT4, dev], f"layer {index}: mkfs")
+        with mounted(dev, os.path.join(d, "mnt"), opts.fstype) as mnt:
+            n = apply_layer(layer_stream, mnt, layer_name)
+            log.info("layer %d (%s): %d entries applied", index, layer_name, n)
+    out = os.path.join(d, "overlaybd.commit")
+    rc = commit_main(["-z", "-t", "--algorithm", opts.algorithm, "--bs", str(opts.block_kib), data, idx, out])
+    if rc != 0:
+        raise ConvertError(f"layer {index} ({layer_name}): overlaybd-commit failed (exit {rc})")
+    os.unlink(data)
+    os.unlink(idx)
+    return out
+
+
+def convert_layout(src: Layout, dst: Layout, dst_name: str, *, src_name: str | None = None,
+                   opts: Options | None = None, work_dir: str | None = None) -> str:
+    """Convert the image `src_name` of `src` into `dst` tagged `dst_name`; returns the manifest digest."""
+    opts = opts or Options()
+    image = src.source(src_name)
+    dst.init()
+    work = tempfile.mkdtemp(prefix="obdconv-", dir=work_dir)
+    try:
+        lowers: list[str] = []
+        layers: list[dict[str, Any]] = []
+        for i, desc in enumerate(image.manifest.get("layers", [])):
+            name = f"layer {i} ({desc.get('digest')})"
+            with src.open_layer(desc) as stream:
+                committed = build_layer(i, stream, name, lowers, work, opts)
+            digest, size = dst.put_file(committed)
+            kept = os.path.join(work, f"committed{i}")
+            shutil.copyfile(dst.blob_path(digest), kept)  # next layers read it as a lower
+            lowers.append(kept)
+            layers.append({
+                "mediaType": MT_OCI_LAYER if opts.oci else MT_DOCKER_LAYER,
+                "digest": digest,
+                "size": size,
+                "annotations": {
+                    LABEL_PREFIX + "version": VERSION,
+                    LABEL_PREFIX + "blob-digest": digest,
+                    LABEL_PREFIX + "blob-size": str(size),
+                    LABEL_PREFIX + "blob-fs-type": opts.fstype,
+                },
+            })
+        config = dict(image.config)
+        config["rootfs"] = {"type": "layers", "diff_ids": [ly["digest"] for ly in layers]}
+        config.pop("history", None)  # history entries would no longer line up with the layers
+        cdigest, csize = dst.put_bytes(json.dumps(config).encode())
+        manifest = {
+            "schemaVersion": 2,
+            "mediaType": MT_OCI_MANIFEST if opts.oci else MT_DOCKER_MANIFEST,
+            "config": {"mediaType": MT_OCI_CONFIG if opts.oci else MT_DOCKER_CONFIG, "digest": cdigest,
+                       "size": csize},
+            "layers": layers,
+        }
+        mdigest, msize = dst.put_bytes(json.dumps(manifest).encode())
+        dst.tag(dst_name, mdigest, msize, manifest["mediaType"])
+        return mdigest
+    finally:
+        for mp in _mounts_below(work):
+            subprocess.run(["umount", "-l", mp], capture_output=True)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _mounts_below(path: str) -> list[str]:
+    real = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        found = [ln.split()[4] for ln in f if ln.split()[4].startswith(real + "/")]
+    return sorted(found, key=len, reverse=True)
+
+
+def skopeo_copy(src: str, dst: str, insecure: bool = True) -> None:
+    """Move an image between transports (`oci:DIR:TAG`, `docker://HOST/REPO:TAG`) with skopeo."""
+    cmd = ["skopeo", "copy", "--quiet", "--preserve-digests"]
+    if insecure:
+        cmd += ["--src-tls-verify=false", "--dest-tls-verify=false"]
+    _run([*cmd, src, dst], "skopeo copy")

@@ -1,0 +1,469 @@
+"""The snapshotter: containerd snapshot semantics over SQLite metadata and per-snapshot directories.
+
+Why this shape: every RPC is one `Store.transaction()`; filesystem work that must exist before
+the row is visible (mkdir, config.v1.json) happens inside the transaction, work that may only
+happen after the row is gone (rmtree) happens after COMMIT. A crash therefore leaves at worst a
+directory without a row, which `reconcile()` deletes on the next start — never a row whose
+files are missing. Error codes follow containerd's bolt storage (spec flatcar.md §6).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import sqlite3
+import subprocess
+from collections.abc import Iterator
+from typing import Any
+
+from ..config.snapshotter import SnapshotterConfig
+from . import labels as L
+from .devices import DeviceBackend
+from .errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    SnapshotError,
+    Unavailable,
+)
+from .faults import crashpoint
+from .filters import compile_filters
+from .fsutil import disk_usage, is_mounted, remove_tree, umount
+from .layout import SnapshotDir, snapshots_dir
+from .mounts import Mount, bind, overlay_mounts
+from .remote import (
+    is_overlaybd_file,
+    parent_lowers,
+    remote_layer_config,
+    repo_blob_url,
+    sealed_config,
+    writable_config,
+    write_config,
+)
+from .store import ACTIVE, COMMITTED, VIEW, Snapshot, Store, Transaction, now_ns
+
+log = logging.getLogger(__name__)
+
+
+def _space_error(e: BaseException, root: str) -> SnapshotError | None:
+    """ENOSPC / SQLite 'disk is full' -> ResourceExhausted naming the state dir."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return ResourceExhausted(f"no space left in snapshotter root {root}: {e}")
+    if isinstance(e, sqlite3.OperationalError) and "full" in str(e):
+        return ResourceExhausted(f"no space left in snapshotter root {root}: metadata.db: {e}")
+    return None
+
+
+class Snapshotter:
+    """containerd.services.snapshots.v1 semantics; methods raise `SnapshotError` subclasses."""
+
+    def __init__(self, cfg: SnapshotterConfig, devices: DeviceBackend | None = None) -> None:
+        self.cfg = cfg
+        self.root = cfg.root
+        os.makedirs(snapshots_dir(self.root), mode=0o700, exist_ok=True)
+        self.store = Store(os.path.join(self.root, "metadata.db"))
+        self.devices = devices
+        self.insecure = cfg.insecure_hosts()
+
+    def close(self) -> None:
+        self.store.close()
+
+    def dir(self, s: Snapshot) -> SnapshotDir:
+        return SnapshotDir(self.root, s.id)
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def _guard(self, fn, *args: Any) -> Any:
+        """Run an operation, translating disk-full and unexpected errors into gRPC codes."""
+        try:
+            return fn(*args)
+        except SnapshotError:
+            raise
+        except (OSError, sqlite3.Error) as e:
+            err = _space_error(e, self.root)
+            if err is not None:
+                raise err from e
+            log.exception("internal error")
+            raise Internal(str(e)) from e
+
+    def _parent(self, tx: Transaction, parent: str) -> Snapshot | None:
+        if not parent:
+            return None
+        p = tx.find(parent)
+        if p is None:
+            raise NotFound(f"parent snapshot {parent} does not exist: not found")
+        if p.kind != COMMITTED:
+            raise InvalidArgument(f"parent {parent} is not a committed snapshot: invalid argument")
+        return p
+
+    def _lowers(self, tx: Transaction, parent: str) -> list[str]:
+        """Lower directories nearest first; an overlaybd ancestor contributes its mounted device and ends the list
+        (its device already shows everything below it)."""
+        out: list[str] = []
+        while parent:
+            p = tx.get(parent)
+            sd = self.dir(p)
+            if sd.is_block():
+                self._ensure_ro_mounted(p)
+                out.append(sd.mountpoint)
+                break
+            out.append(sd.fs)
+            parent = p.parent
+        return out
+
+    def _mounts(self, tx: Transaction, s: Snapshot) -> list[Mount]:
+        sd = self.dir(s)
+        mode = s.labels.get(L.WRITABLE, "")
+        if s.kind == ACTIVE and sd.is_block() and os.path.exists(sd.writable_data):
+            dev = self._ensure_rw_attached(s)
+            if mode == "dev":
+                return [Mount(self._fs_type(s), dev, ["discard"])]
+            return [bind(sd.mountpoint, readonly=False)]
+        return overlay_mounts(sd.fs, sd.work, self._lowers(tx, s.parent), view=s.kind == VIEW)
+
+    def _fs_type(self, s: Snapshot) -> str:
+        spec = s.labels.get(L.BLOB_FS_TYPE, "") or self.cfg.default_fs_type
+        return spec.split(";", 1)[0] or "ext4"
+
+    # -- devices ---------------------------------------------------------------------------------
+    def _need_devices(self) -> DeviceBackend:
+        if self.devices is None:
+            raise Unavailable("no overlaybd device frontend available (neither TCMU nor the FUSE frontend)")
+        return self.devices
+
+    def _ensure_ro_mounted(self, s: Snapshot) -> None:
+        """Attach the layer's device read-only and mount it at block/mountpoint (idempotent)."""
+        sd = self.dir(s)
+        if is_mounted(sd.mountpoint):
+            return
+        devices = self._need_devices()
+        dev = devices.attach(sd, writable=False)
+        os.makedirs(sd.mountpoint, exist_ok=True)
+        fs = self._fs_type(s)
+        opts = "ro,noload" if fs == "ext4" else "ro"
+        r = subprocess.run(["mount", "-t", fs, "-o", opts, dev, sd.mountpoint], capture_output=True, text=True)
+        if r.returncode != 0:
+            devices.detach(sd)
+            raise Internal(f"snapshot {s.key}: mount {dev} ({fs}) on {sd.mountpoint}: {r.stderr.strip()}")
+
+    def _ensure_rw_attached(self, s: Snapshot) -> str:
+        """Writable device: attached, and in dir mode mounted at block/mountpoint; returns the device."""
+        sd = self.dir(s)
+        devices = self._need_devices()
+        dev = devices.device_of(sd)
+        if dev is None:
+            dev = devices.attach(sd, writable=True)
+        if s.labels.get(L.WRITABLE, "") != "dev" and not is_mounted(sd.mountpoint):
+            os.makedirs(sd.mountpoint, exist_ok=True)
+            fs = self._fs_type(s)
+            r = subprocess.run(["mount", "-t", fs, "-o", "discard", dev, sd.mountpoint], capture_output=True,
+                               text=True)
+            if r.returncode != 0:
+                raise Internal(f"snapshot {s.key}: mount {dev} on {sd.mountpoint}: {r.stderr.strip()}")
+        return dev
+
+    def _release(self, sd: SnapshotDir) -> None:
+        """Unmount the snapshot's device mount and detach its device (for Remove/Cleanup)."""
+        if os.path.isdir(sd.mountpoint) and is_mounted(sd.mountpoint):
+            umount(sd.mountpoint)
+        if self.devices is not None and os.path.exists(sd.backstore_mark):
+            try:
+                self.devices.detach(sd)
+            except Exception as e:  # noqa: BLE001 - best effort, logged
+                log.warning("detach %s: %s", sd.path, e)
+
+    # -- RPCs ------------------------------------------------------------------------------------
+    def prepare(self, key: str, parent: str, labels: dict[str, str]) -> list[Mount]:
+        return self._guard(self._create, ACTIVE, key, parent, dict(labels))
+
+    def view(self, key: str, parent: str, labels: dict[str, str]) -> list[Mount]:
+        return self._guard(self._create, VIEW, key, parent, dict(labels))
+
+    def _create(self, kind: int, key: str, parent: str, labels: dict[str, str]) -> list[Mount]:
+        if not key:
+            raise InvalidArgument("snapshot key must not be empty: invalid argument")
+        L.validate(labels)
+        if kind == ACTIVE and L.is_remote_layer(labels):
+            self._prepare_remote(key, parent, labels)  # raises AlreadyExists when the lazy layer is ready
+        image_layer = bool(labels.get(L.TARGET_SNAPSHOT_REF)) or labels.get(L.SNAPSHOT_TYPE) == "image"
+        writable = labels.get(L.WRITABLE) or ("" if image_layer else self.cfg.rw_mode)
+        with self.store.transaction() as tx:
+            if tx.find(key) is not None:
+                raise AlreadyExists(f"snapshot {key} already exists")
+            p = self._parent(tx, parent)
+            s = tx.insert(key, parent, kind, labels)
+            sd = self.dir(s)
+            if os.path.lexists(sd.path):  # leftover of a crash before COMMIT: ids are never reused
+                remove_tree(sd.path)
+            os.makedirs(sd.fs, mode=0o755)
+            os.makedirs(sd.work, mode=0o711)
+            if (kind == ACTIVE and writable in L.WRITABLE_MODES
+                    and (p is None or self.dir(p).is_block())):
+                self._create_writable(s, p, writable)
+                s.labels.setdefault(L.WRITABLE, writable)
+                tx.save(s)
+            mounts = self._mounts(tx, s)
+            crashpoint("create.before-commit")
+        crashpoint("create.after-commit")
+        return mounts
+
+    def _prepare_remote(self, key: str, parent: str, labels: dict[str, str]) -> None:
+        """Remote-snapshot protocol: commit `labels[snapshot.ref]` as a lazy layer, answer AlreadyExists."""
+        target = labels[L.TARGET_SNAPSHOT_REF]
+        with self.store.transaction() as tx:
+            existing = tx.find(target)
+            if existing is not None:
+                raise AlreadyExists(f"target snapshot {target} already exists")
+            p = self._parent(tx, parent)
+            if p is not None and not self.dir(p).is_block():
+                log.info("remote layer %s on ordinary parent %s: falling back to download", target, parent)
+                return
+            url = repo_blob_url(L.image_ref(labels), self.insecure)
+            committed = dict(labels)
+            committed[L.REMOTE] = L.REMOTE_VALUE
+            s = tx.insert(target, parent, COMMITTED, committed)
+            sd = self.dir(s)
+            if os.path.lexists(sd.path):
+                remove_tree(sd.path)
+            os.makedirs(sd.fs, mode=0o755)
+            os.makedirs(sd.mountpoint)
+            cfg = remote_layer_config(sd, self.dir(p) if p else None, url, labels[L.BLOB_DIGEST],
+                                      int(labels[L.BLOB_SIZE]))
+            write_config(sd.config, cfg)
+            with open(sd.image_ref, "w") as f:
+                f.write(L.image_ref(labels))
+            s.size = int(labels[L.BLOB_SIZE])
+            tx.save(s)
+            crashpoint("remote.before-commit")
+        crashpoint("remote.after-commit")
+        log.info("remote snapshot %s prepared lazily (key %s)", target, key)
+        raise AlreadyExists(f"target snapshot {target} already exists")
+
+    def _create_writable(self, s: Snapshot, parent: Snapshot | None, mode: str) -> None:
+        """A writable overlaybd device (rwMode dir/dev): LSMT upper + config, attach, mkfs for a fresh image."""
+        from ..format import lsmt
+
+        sd = self.dir(s)
+        os.makedirs(sd.mountpoint, exist_ok=True)
+        vsize_gb = int(s.labels.get(L.VSIZE, "64"))
+        lsmt.create_rw(sd.writable_data, sd.writable_index, vsize_gb << 30,
+                       sparse=self.cfg.writable_layer_type == "sparse")
+        write_config(sd.config, writable_config(sd, self.dir(parent) if parent else None))
+        dev = self._need_devices().attach(sd, writable=True)
+        if parent is None:
+            fs = self._fs_type(s)
+            r = subprocess.run(["mkfs", "-t", fs, "-q", "-O", "^has_journal,sparse_super,flex_bg", "-G", "1",
+                                "-E", "discard", "-F", dev], capture_output=True, text=True)
+            if r.returncode != 0:
+                self.devices.detach(sd)
+                raise Internal(f"snapshot {s.key}: mkfs {dev}: {r.stderr.strip()}")
+
+    def mounts(self, key: str) -> list[Mount]:
+        def op() -> list[Mount]:
+            with self.store.transaction() as tx:
+                return self._mounts(tx, tx.get(key))
+
+        return self._guard(op)
+
+    def commit(self, name: str, key: str, labels: dict[str, str], parent: str = "") -> None:
+        def op() -> None:
+            L.validate(labels)
+            with self.store.transaction() as tx:
+                s = tx.get(key)
+                if s.kind != ACTIVE:
+                    raise FailedPrecondition(f"snapshot {key} is not active: failed precondition")
+                if tx.find(name) is not None:
+                    raise AlreadyExists(f"snapshot {name} already exists")
+                if parent and parent != s.parent:
+                    if s.parent:
+                        raise InvalidArgument(f"snapshot {key} has parent {s.parent}, cannot rebase onto {parent}: "
+                                              "invalid argument")
+                    p = tx.find(parent)
+                    if p is None:
+                        raise NotFound(f"parent snapshot {parent} does not exist: not found")
+                    if p.kind != COMMITTED:
+                        raise FailedPrecondition(f"parent {parent} is not committed: failed precondition")
+                    s.parent = parent
+                sd = self.dir(s)
+                if sd.is_block() and (os.path.exists(sd.writable_data) or os.path.exists(sd.writable_index)):
+                    self._seal(s)
+                    new_labels = {**labels, L.LOCAL_COMMIT_PATH: sd.sealed}
+                    s.size, s.inodes = os.stat(sd.sealed).st_blocks * 512, 1
+                else:
+                    new_labels = dict(labels)
+                    s.size, s.inodes = disk_usage(sd.fs)
+                    self._adopt_local_layer(tx, s)
+                s.key, s.kind, s.labels, s.updated_ns = name, COMMITTED, new_labels, now_ns()
+                tx.save(s)
+                crashpoint("commit.before-commit")
+            crashpoint("commit.after-commit")
+
+        self._guard(op)
+
+    def _adopt_local_layer(self, tx: Transaction, s: Snapshot) -> None:
+        """An overlaybd layer blob unpacked by containerd itself (pulled without the image-ref label) leaves
+        `fs/overlaybd.commit`; from then on it is served as a block layer (upstream's "localBD")."""
+        sd = self.dir(s)
+        parent = tx.get(s.parent) if s.parent else None
+        if not is_overlaybd_file(sd.commit_file) or (parent is not None and not self.dir(parent).is_block()):
+            return
+        os.makedirs(sd.mountpoint, exist_ok=True)
+        lowers = [*parent_lowers(self.dir(parent) if parent else None), {"file": sd.commit_file}]
+        write_config(sd.config, {"repoBlobUrl": "", "lowers": lowers, "resultFile": sd.result_file})
+
+    def _seal(self, s: Snapshot) -> None:
+        """Commit of a writable device: unmount, detach, seal the LSMT upper into fs/overlaybd.sealed (read-only)."""
+        from ..format import lsmt
+
+        sd = self.dir(s)
+        self._release(sd)
+        if os.path.exists(sd.writable_data):  # idempotent: a crash may have stopped a previous Commit midway
+            if os.path.exists(sd.writable_index):
+                lsmt.seal(sd.writable_data, sd.writable_index)
+            os.replace(sd.writable_data, sd.sealed)
+        write_config(sd.config, sealed_config(sd))
+        if os.path.exists(sd.writable_index):
+            os.unlink(sd.writable_index)
+
+    def remove(self, key: str) -> None:
+        def op() -> None:
+            with self.store.transaction() as tx:
+                s = tx.get(key)
+                if tx.has_children(key):
+                    raise FailedPrecondition(f"cannot remove snapshot {key} with child: failed precondition")
+                tx.delete(s.id)
+            crashpoint("remove.after-commit")
+            sd = self.dir(s)
+            if not self.cfg.async_remove:
+                self._release(sd)
+                remove_tree(sd.path)
+            if self.cfg.auto_remove_dev and s.parent:
+                self._release_unused(s.parent)
+
+        self._guard(op)
+
+    def _release_unused(self, key: str) -> None:
+        """autoRemoveDev: detach a layer's read-only device once no snapshot is stacked on it any more."""
+        with self.store.transaction() as tx:
+            p = tx.find(key)
+            if p is None or tx.has_children(key):
+                return
+        psd = self.dir(p)
+        if psd.is_block():
+            self._release(psd)
+
+    def stat(self, key: str) -> Snapshot:
+        def op() -> Snapshot:
+            with self.store.transaction() as tx:
+                return tx.get(key)
+
+        return self._guard(op)
+
+    def update(self, key: str, labels: dict[str, str], paths: list[str]) -> Snapshot:
+        def op() -> Snapshot:
+            with self.store.transaction() as tx:
+                s = tx.get(key)
+                new = dict(s.labels)
+                if not paths:
+                    new = dict(labels)
+                for path in paths:
+                    if path.startswith("labels."):
+                        k = path[len("labels."):]
+                        if labels.get(k):
+                            new[k] = labels[k]
+                        else:
+                            new.pop(k, None)
+                    elif path == "labels":
+                        new = dict(labels)
+                    else:
+                        raise InvalidArgument(f"cannot update {path!r} field on snapshot {key!r}: invalid argument")
+                L.validate(new)
+                s.labels, s.updated_ns = new, now_ns()
+                tx.save(s)
+                return s
+
+        return self._guard(op)
+
+    def list(self, filters: list[str]) -> list[Snapshot]:
+        match = compile_filters(filters)
+
+        def op() -> list[Snapshot]:
+            with self.store.transaction() as tx:
+                return [s for s in tx.all() if match(s)]
+
+        return self._guard(op)
+
+    def usage(self, key: str) -> tuple[int, int]:
+        def op() -> tuple[int, int]:
+            with self.store.transaction() as tx:
+                s = tx.get(key)
+            if s.kind == COMMITTED:
+                return s.size, s.inodes
+            sd = self.dir(s)
+            if os.path.exists(sd.writable_data):
+                st = os.stat(sd.writable_data)
+                return st.st_blocks * 512, 1
+            return disk_usage(sd.fs)
+
+        return self._guard(op)
+
+    def cleanup(self) -> None:
+        """Delete directories no row refers to (crash leftovers, asyncRemove backlog)."""
+        self._guard(self._remove_orphans)
+
+    # -- start-up --------------------------------------------------------------------------------
+    def _remove_orphans(self) -> list[str]:
+        with self.store.transaction() as tx:
+            ids = {str(s.id) for s in tx.all()}
+        removed = []
+        base = snapshots_dir(self.root)
+        for name in sorted(os.listdir(base)):
+            if name in ids:
+                continue
+            path = os.path.join(base, name)
+            if name.isdigit():
+                self._release(SnapshotDir(self.root, int(name)))
+            remove_tree(path)
+            removed.append(name)
+        if removed:
+            log.info("removed %d orphaned snapshot dirs: %s", len(removed), ", ".join(removed))
+        return removed
+
+    def reconcile(self) -> dict[str, list[str]]:
+        """Make the store and the directories agree after a crash; report what was fixed."""
+        dropped: list[str] = []
+        stale: list[str] = []
+        with self.store.transaction() as tx:
+            rows = tx.all()
+            for s in sorted(rows, key=lambda r: -r.id):  # children have larger ids: leaf first
+                sd = self.dir(s)
+                if not os.path.isdir(sd.path):
+                    if tx.has_children(s.key):
+                        os.makedirs(sd.fs, exist_ok=True)
+                        os.makedirs(sd.work, exist_ok=True)
+                        log.error("snapshot %s (id %d) lost its directory; recreated empty", s.key, s.id)
+                    else:
+                        tx.delete(s.id)
+                        dropped.append(s.key)
+                        log.error("snapshot %s (id %d) has no directory; dropped", s.key, s.id)
+                    continue
+                if sd.is_block() and os.path.isdir(sd.mountpoint):
+                    try:
+                        os.listdir(sd.mountpoint)
+                    except OSError:  # device gone under a mount (frontend died): remount on demand
+                        umount(sd.mountpoint, lazy=True)
+                        stale.append(s.key)
+                if os.path.exists(sd.backstore_mark) and self.devices is not None \
+                        and self.devices.device_of(sd) is None:
+                    os.unlink(sd.backstore_mark)  # the device is gone; attach again when needed
+                    if is_mounted(sd.mountpoint):
+                        umount(sd.mountpoint, lazy=True)
+                    stale.append(s.key)
+        orphans = self._remove_orphans()
+        return {"dropped": dropped, "orphans": orphans, "stale_mounts": stale}
+
+    def walk(self) -> Iterator[Snapshot]:
+        yield from self.list([])
