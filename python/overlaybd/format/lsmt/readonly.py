@@ -128,8 +128,12 @@ def read_trailer(f: RandomAccessFile) -> tuple[HeaderTrailer, HeaderTrailer, int
     return header, trailer, trailer_off
 
 
-def open_ro(f: RandomAccessFile) -> ReadOnlyLayer:
-    """Open a sealed or committed layer from an already unwrapped byte source."""
+def read_index_bytes(f: RandomAccessFile) -> tuple[HeaderTrailer, HeaderTrailer, bytes]:
+    """Header, trailer and the raw index records of a sealed/committed layer.
+
+    The trailer's index fields are checked against the file size before anything is
+    allocated, so a damaged trailer cannot make us read or allocate a claimed size.
+    """
     name = f.name
     header, trailer, trailer_off = read_trailer(f)
     count = trailer.index_size
@@ -146,7 +150,13 @@ def open_ro(f: RandomAccessFile) -> ReadOnlyLayer:
             f"{count} records ({count * RECORD_SIZE} bytes) do not fit between index_offset "
             f"{trailer.index_offset} and the trailer at {trailer_off}",
         )
-    raw = read_exact(f, count * RECORD_SIZE, trailer.index_offset, "index")
+    return header, trailer, read_exact(f, count * RECORD_SIZE, trailer.index_offset, "index")
+
+
+def open_ro(f: RandomAccessFile) -> ReadOnlyLayer:
+    """Open a sealed or committed layer from an already unwrapped byte source."""
+    name = f.name
+    header, trailer, raw = read_index_bytes(f)
     index = decode_columns(raw)
     del raw
     validate_index(name, index, HEADER_SECTORS, trailer.index_offset // SECTOR)

@@ -33,7 +33,7 @@ from .mapping import (
     compress_raw_index,
     pack_records,
 )
-from .readonly import MAX_RO_INDEX_SIZE, ReadOnlyLayer, read_trailer
+from .readonly import ReadOnlyLayer, read_index_bytes
 from .segments import GapFiller, check_aligned, zero_fill
 from .writable import MAX_RW_INDEX_SIZE, WritableLayer, _pwrite_all
 
@@ -163,22 +163,7 @@ def open_warp_ro(layer: RandomAccessFile, target: RandomAccessFile) -> WarpLayer
     On success the returned layer owns both files; on error the caller still owns them.
     """
     name = layer.name
-    header, trailer, trailer_off = read_trailer(layer)
-    count = trailer.index_size
-    if count > MAX_RO_INDEX_SIZE:
-        raise BadIndex(name, "trailer.index_size", f"{count} records exceeds the limit {MAX_RO_INDEX_SIZE}")
-    if trailer.index_offset < HT_SPACE:
-        raise BadIndex(name, "trailer.index_offset", f"{trailer.index_offset} lies inside the header")
-    if trailer.index_offset > trailer_off:
-        raise Truncated(name, "trailer.index_offset", f"{trailer.index_offset} is beyond the trailer at {trailer_off}")
-    if count * RECORD_SIZE > trailer_off - trailer.index_offset:
-        raise Truncated(
-            name,
-            "trailer.index_size",
-            f"{count} records ({count * RECORD_SIZE} bytes) do not fit between index_offset "
-            f"{trailer.index_offset} and the trailer at {trailer_off}",
-        )
-    raw = read_exact(layer, count * RECORD_SIZE, trailer.index_offset, "index")
+    header, trailer, raw = read_index_bytes(layer)
     offs, lens, moffs, zeros, tags = _decode_tagged(raw)
     del raw
     tags = _normalize_tags(name, tags, "index")
