@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -19,11 +20,16 @@ from concurrent.futures import ThreadPoolExecutor
 
 from .audit import AuditLog
 from .cache import MARK, PAGE, TOUCH_INTERVAL, BlobStore
+from .memcopy import copy_into
 from .metrics import METRICS
 
 log = logging.getLogger(__name__)
 
-READAHEAD_MAX = 16 << 20
+_preadv = os.preadv
+READAHEAD_MAX = 32 << 20
+# Readahead is fetched in pieces of at most this size: a reader waits only for the piece it needs, not the
+# whole window, and the two workers download consecutive pieces over two connections.
+READAHEAD_PIECE = 16 << 20
 Fetch = Callable[[int, memoryview], int]  # (offset, buffer) -> bytes read, from the source
 
 
@@ -49,6 +55,7 @@ class CachedBlob:
         self._streak = 0  # bytes read back to back so far
         self._inflight: dict[int, _Pending] = {}  # block offset -> the fetch covering it
         self._lock = threading.Lock()
+        self._reads = 0
 
     def size(self) -> int:
         return self._size
@@ -59,6 +66,31 @@ class CachedBlob:
         return bytes(buf[:n])
 
     def pread_into(self, buf: memoryview, offset: int) -> int:
+        """Warm reads are handled inline (one preadv between two generation checks); the rest in _pread."""
+        n = len(buf)
+        end = offset + n
+        st = self.store
+        gen = st.gen
+        genv = st.genv
+        if (end <= self._size and n and genv[0] == gen and st.verified.find(0, offset >> 12, (end + 4095) >> 12) < 0
+                and _preadv(st.data_fd, [buf], offset) == n and genv[0] == gen):
+            METRICS.cache_hits += 1  # unlocked on purpose: hot path; a lost increment is harmless
+            if offset == self._seq_end:
+                self._seq_end = end
+                self._sequential(end, n)
+            else:
+                self._seq_end = end
+                if self._streak:
+                    self._ra, self._frontier, self._streak = self.refill, 0, 0
+            self._reads += 1
+            if not self._reads & 1023:
+                t = time.monotonic()
+                if t - st.last_touch > TOUCH_INTERVAL:
+                    st.touch(t)
+            return n
+        return self._pread(buf, offset)
+
+    def _pread(self, buf: memoryview, offset: int) -> int:
         size = self._size
         n = len(buf)
         if offset + n > size:
@@ -114,8 +146,11 @@ class CachedBlob:
 
     # ----------------------------------------------------------------- fills
 
-    def _claim(self, blocks: list[int]) -> tuple[list[_Pending], list[_Pending]]:
-        """Create pending fetches for blocks not yet in flight (one per run); return (ours, others')."""
+    def _claim(self, blocks: list[int], piece: int = 0, hold: bool = True) -> tuple[list[_Pending], list[_Pending]]:
+        """Create pending fetches for blocks not yet in flight (one per run); return (ours, others').
+
+        Every pending returned is referenced for the caller when `hold` (release with _unref after
+        copying its data), so its pooled buffer is not reused under the caller's feet."""
         mine: list[_Pending] = []
         waits: list[_Pending] = []
         with self._lock:
@@ -126,8 +161,10 @@ class CachedBlob:
                     free.append(blk)
                 elif p not in waits:
                     waits.append(p)
-            for rs, re_ in self._runs(free):
+                    p.refs += 1
+            for rs, re_ in self._runs(free, piece):
                 p = _Pending(rs, re_)
+                p.refs = 2 if hold else 1  # the cache writer's reference, and the caller's
                 mine.append(p)
                 for blk in range(rs, re_, self.refill):
                     self._inflight[blk] = p
@@ -142,6 +179,15 @@ class CachedBlob:
         p.ready.set()
         p.finished.set()
 
+    def _unref(self, p: _Pending) -> None:
+        """Drop one reference to p; the last one gives its buffer back to the pool."""
+        with self._lock:
+            p.refs -= 1
+            if p.refs or p.buf is None:
+                return
+            buf, p.buf, p.data = p.buf, None, None
+        _BUFFERS.put(buf)
+
     def flush(self) -> None:
         """Wait until every fetch of this blob in flight has been written to the cache files."""
         while True:
@@ -152,11 +198,12 @@ class CachedBlob:
             for p in pending:
                 p.finished.wait()
 
-    def _runs(self, blocks: list[int]) -> list[tuple[int, int]]:
+    def _runs(self, blocks: list[int], piece: int = 0) -> list[tuple[int, int]]:
+        """Contiguous blocks merged into runs (each at most `piece` bytes when piece > 0)."""
         runs: list[list[int]] = []
         for blk in blocks:
             bend = min(blk + self.refill, self._size)
-            if runs and runs[-1][1] == blk:
+            if runs and runs[-1][1] == blk and (not piece or bend - runs[-1][0] <= piece):
                 runs[-1][1] = bend
             else:
                 runs.append([blk, bend])
@@ -164,17 +211,21 @@ class CachedBlob:
 
     def _fetch(self, p: _Pending) -> None:
         """Fetch p's range; its data is usable by waiters as soon as it arrives, stored to disk afterwards."""
-        data = memoryview(bytearray(p.end - p.start))
+        buf = _BUFFERS.get(p.end - p.start)  # reused: no zeroing and page faults per fetch
+        data = memoryview(buf)
         t0 = time.monotonic()
         try:
             got = self.fetch(p.start, data)
             if got != len(data):
                 raise OSError(errno.EIO, f"{self.name}: source returned {got} of {len(data)} bytes at {p.start}")
         except BaseException:
+            _BUFFERS.lost()
             self._done(p)
+            self._unref(p)
             raise
         self.audit.event("download", pathname=self.name, offset=p.start, size=got,
                          latency=int((time.monotonic() - t0) * 1e6))
+        p.buf = buf
         p.data = data
         p.ready.set()
         st = self.store
@@ -189,6 +240,7 @@ class CachedBlob:
                 log.warning("%s: cache write failed: %s", self.name, e)
             finally:
                 self._done(p)
+                self._unref(p)
                 cache.release(st)
                 _WRITES.release(len(data))
 
@@ -218,32 +270,43 @@ class CachedBlob:
             try:
                 self._fetch(p)
             except BaseException:
+                for q in mine[i:]:
+                    self._unref(q)  # the caller's reference
                 for q in mine[i + 1 :]:  # never fetched: let anyone waiting on them fetch for themselves
                     self._done(q)
+                    self._unref(q)
+                for q in waits:
+                    self._unref(q)
                 raise
             self._copy_out(view, offset, p.start, p.data)  # type: ignore[arg-type]
-        for p in waits:
-            p.ready.wait()
-            data = p.data
-            if data is not None:
-                self._copy_out(view, offset, p.start, data)
-                continue
-            # the other fetch failed: read what we need ourselves (cache first)
-            lo, hi = max(p.start, offset // R * R), min(p.end, end)
-            for blk in range(lo, hi, R):
-                bend = min(blk + R, self._size)
-                tmp = memoryview(bytearray(bend - blk))
-                if not st.read_verified(blk, tmp):
-                    got = self.fetch(blk, tmp)
-                    if got != len(tmp):
-                        raise OSError(errno.EIO, f"{self.name}: source returned {got} of {len(tmp)} bytes at {blk}")
-                self._copy_out(view, offset, blk, tmp)
+            self._unref(p)
+        try:
+            for p in waits:
+                p.ready.wait()
+                data = p.data
+                if data is not None:
+                    self._copy_out(view, offset, p.start, data)
+                    continue
+                # the other fetch failed: read what we need ourselves (cache first)
+                lo, hi = max(p.start, offset // R * R), min(p.end, end)
+                for blk in range(lo, hi, R):
+                    bend = min(blk + R, self._size)
+                    tmp = memoryview(bytearray(bend - blk))
+                    if not st.read_verified(blk, tmp):
+                        got = self.fetch(blk, tmp)
+                        if got != len(tmp):
+                            raise OSError(errno.EIO,
+                                          f"{self.name}: source returned {got} of {len(tmp)} bytes at {blk}")
+                    self._copy_out(view, offset, blk, tmp)
+        finally:
+            for p in waits:
+                self._unref(p)
 
     @staticmethod
     def _copy_out(view: memoryview, offset: int, start: int, data: memoryview) -> None:
         lo, hi = max(start, offset), min(start + len(data), offset + len(view))
         if lo < hi:
-            view[lo - offset : hi - offset] = data[lo - start : hi - start]
+            copy_into(view[lo - offset : hi - offset], data[lo - start : hi - start])
 
     def _maybe_readahead(self, end: int) -> None:
         """Keep up to `_ra` bytes beyond the reader fetched or in flight, in large asynchronous requests."""
@@ -252,17 +315,15 @@ class CachedBlob:
             return
         R = self.refill
         start = max(self._frontier, (end + R - 1) // R * R)
-        if start - end > self._ra // 2 or start >= self._size:
+        piece = min(READAHEAD_PIECE, self._ra // 2) if READAHEAD_PIECE else self._ra // 2
+        if start - end > self._ra - piece or start >= self._size:  # top up once a piece's worth was consumed
             return
         stop = min(start + self._ra, self._size)
-        blocks = []
-        blk = start
-        while blk < stop:
-            if st.records(blk // PAGE, 1)[1] != MARK:
-                blocks.append(blk)
-            blk += R
+        first = start // PAGE
+        recs = st.records(first, (stop - start + PAGE - 1) // PAGE)  # one pread for the whole window
+        blocks = [blk for blk in range(start, stop, R) if recs[2 * (blk // PAGE - first) + 1] != MARK]
         self._frontier = stop
-        mine, _ = self._claim(blocks)
+        mine, _ = self._claim(blocks, READAHEAD_PIECE, hold=False)
         for p in mine:
             _readahead_pool().submit(self._readahead, p)
 
@@ -282,12 +343,14 @@ class CachedBlob:
 class _Pending:
     """A range being fetched: `ready` is set when `data` arrived (or the fetch failed: data stays None)."""
 
-    __slots__ = ("start", "end", "data", "ready", "finished")
+    __slots__ = ("start", "end", "data", "buf", "refs", "ready", "finished")
 
     def __init__(self, start: int, end: int) -> None:
         self.start = start
         self.end = end
         self.data: memoryview | None = None
+        self.buf: bytearray | None = None  # from _BUFFERS; returned when the last reference is dropped
+        self.refs = 0
         self.ready = threading.Event()
         self.finished = threading.Event()  # written to the cache files (or given up)
 
@@ -312,7 +375,50 @@ class _ByteBudget:
             self.cv.notify_all()
 
 
+class _BufferPool:
+    """Fetch buffers kept for reuse while a stream runs, by exact size (readahead pieces repeat one size).
+
+    A fresh bytearray is zeroed and page-faulted in under the GIL: for a stream at loopback speed that
+    costs as much as another copy of the data. Buffers are kept only while some buffer is still out
+    (a stream or its cache writes are running); once all are back, the pool empties, so an idle
+    daemon does not hold this memory."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.kept = 0
+        self.out = 0
+        self.free: dict[int, list[bytearray]] = {}
+        self.lock = threading.Lock()
+
+    def get(self, n: int) -> bytearray:
+        with self.lock:
+            self.out += 1
+            lst = self.free.get(n)
+            if lst:
+                self.kept -= n
+                return lst.pop()
+        return bytearray(n)
+
+    def put(self, buf: bytearray) -> None:
+        n = len(buf)
+        with self.lock:
+            self.out -= 1
+            if self.out <= 0:
+                self.out = 0
+                self.free.clear()
+                self.kept = 0
+            elif self.kept + n <= self.limit:
+                self.free.setdefault(n, []).append(buf)
+                self.kept += n
+
+    def lost(self) -> None:
+        """A buffer given out will not come back (its fetch failed)."""
+        with self.lock:
+            self.out = max(0, self.out - 1)
+
+
 _WRITES = _ByteBudget(64 << 20)
+_BUFFERS = _BufferPool(96 << 20)  # the window's pieces in flight plus those waiting for the cache writer
 _pools: dict[str, ThreadPoolExecutor] = {}
 _pool_lock = threading.Lock()
 

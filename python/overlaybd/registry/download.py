@@ -2,9 +2,10 @@
 
 One worker thread per process handles layers one after another, as upstream does,
 so downloads never compete with each other for bandwidth. Each layer is written
-to a temp file in its dir (AtomicOutput), hashed while written, and renamed only if
-its sha256 equals the digest; a mismatch discards the file and the layer keeps
-being served remotely. Failed layers are retried while `tryCnt` lasts.
+to `<dir>/.download` (upstream's partial file, resumed after a restart), hashed in
+order, and renamed to `overlaybd.commit` only if its sha256 equals the digest; a
+mismatch discards the file and the layer keeps being served remotely. Failed layers
+are retried while `tryCnt` lasts.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..format.atomic import AtomicOutput
 from .audit import AuditLog
 from .metrics import METRICS
 
@@ -51,6 +51,7 @@ class BackgroundDownloader:
         self._thread: threading.Thread | None = None
         self._cancelled: set[int] = set()
         self.retry_delay = RETRY_DELAY
+        self.active: Any = None  # the file being downloaded right now (None when idle)
 
     def schedule(self, f: Any, cfg: Any, audit: AuditLog) -> None:
         extra = cfg.delay_extra if cfg.delay_extra > 0 else 30
@@ -81,8 +82,11 @@ class BackgroundDownloader:
                 job = heapq.heappop(self._jobs)
             if job.file.closed:
                 continue
+            self.active = job.file
             try:
                 download_layer(job.file, job.cfg, job.audit, lambda j=job: j.file.closed)
+            except InterruptedError as e:  # the device was closed: keep the partial file, do not retry
+                log.info("%s", e)
             except Exception as e:  # noqa: BLE001 — any failure re-queues the layer
                 job.tries_left -= 1
                 METRICS.error("bk_download")
@@ -91,51 +95,107 @@ class BackgroundDownloader:
                     job.due = time.monotonic() + self.retry_delay
                     with self._cv:
                         heapq.heappush(self._jobs, job)
+            finally:
+                self.active = None
+
+
+PARTIAL_NAME = ".download"  # upstream's name for the partial file in the layer dir
+COMMIT_NAME = "overlaybd.commit"
+
+
+def _present(fd: int, off: int, n: int) -> bool:
+    """True if [off, off+n) of the partial file is all data (no hole), per SEEK_DATA/SEEK_HOLE.
+
+    A block is written with one pwrite after it was fetched whole, so an allocated block is normally
+    complete; one torn by a crash is caught by the digest check of the whole file before the rename."""
+    try:
+        if os.lseek(fd, off, os.SEEK_DATA) != off:
+            return False
+        return os.lseek(fd, off, os.SEEK_HOLE) >= off + n
+    except OSError:  # ENXIO: no data at or after off
+        return False
+
+
+def _discard(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def download_layer(f: Any, cfg: Any, audit: AuditLog, cancelled: Any = lambda: False) -> str:
-    """Download f's whole blob to <dir>/overlaybd.commit (sha256-verified) and switch f to it."""
-    target = os.path.join(f.layer_dir, "overlaybd.commit")
+    """Download f's whole blob to <dir>/overlaybd.commit (sha256-verified) and switch f to it.
+
+    Resumable like upstream: the blob goes block by block into `<dir>/.download` (sparse, its final
+    size), and blocks a previous run already wrote (SEEK_DATA/SEEK_HOLE) are not fetched again. The
+    partial file is kept when the download is interrupted (device closed, registry down); it becomes
+    `overlaybd.commit` only by an atomic rename after the sha256 of the whole file matched the digest.
+    A mismatch deletes it, so the next try starts from zero. (Not AtomicOutput: its temp name is
+    random, and a resumable download needs a name a restarted daemon can find.)
+    """
+    target = os.path.join(f.layer_dir, COMMIT_NAME)
     if os.path.exists(target):
         f.switch_to(target)
         return target
+    partial = os.path.join(f.layer_dir, PARTIAL_NAME)
     size = f.size()
     bs = max(4096, cfg.block_size)
     rate = max(1, cfg.max_mbps) * (1 << 20)
+    algo, _, want = f.digest.partition(":")
+    if algo != "sha256":
+        raise DigestMismatch(f"{f.name}: cannot verify digest {f.digest!r} (only sha256)")
     h = hashlib.sha256()
     buf = memoryview(bytearray(bs))
-    t_start = time.monotonic()
-    out = AtomicOutput(target)
+    fd = os.open(partial, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
+        fresh = os.fstat(fd).st_size != size
+        if fresh:  # new, or left by a different blob: start afresh (nothing in it counts as present)
+            os.ftruncate(fd, 0)
+            os.ftruncate(fd, size)
+        t_start = time.monotonic()
+        fetched = reused = 0
         off = 0
         while off < size:
             if cancelled():
-                raise InterruptedError("device closed")
+                raise InterruptedError(f"{f.name}: device closed; {partial} kept for resuming")
             n = min(bs, size - off)
-            t0 = time.monotonic()
-            got = f.read_for_download(buf[:n], off)
-            if got != n:
-                raise OSError(f"{f.name}: short read {got} of {n} at {off}")
-            out.write(buf[:n])
-            h.update(buf[:n])
-            audit.event("bk_download", pathname=f.name, offset=off, size=n,
-                        latency=int((time.monotonic() - t0) * 1e6))
-            METRICS.add("bk_download_bytes", n)
+            view = buf[:n]
+            if not fresh and _present(fd, off, n) and os.preadv(fd, [view], off) == n:
+                reused += n  # written by an earlier run: hashed from the file, not fetched
+            else:
+                t0 = time.monotonic()
+                got = f.read_for_download(view, off)
+                if got != n:
+                    raise OSError(f"{f.name}: short read {got} of {n} at {off}")
+                done = 0
+                while done < n:
+                    done += os.pwrite(fd, view[done:], off + done)
+                audit.event("bk_download", pathname=f.name, offset=off, size=n,
+                            latency=int((time.monotonic() - t0) * 1e6))
+                METRICS.add("bk_download_bytes", n)
+                fetched += n
+                ahead = fetched / rate - (time.monotonic() - t_start)  # throttle what we fetch to maxMBps
+                if ahead > 0:
+                    _sleep(ahead)
+            h.update(view)
             off += n
-            ahead = off / rate - (time.monotonic() - t_start)  # throttle to maxMBps
-            if ahead > 0:
-                _sleep(ahead)
-        algo, _, want = f.digest.partition(":")
         got_hex = h.hexdigest()
-        if algo != "sha256" or got_hex != want:
+        if got_hex != want:
+            _discard(partial)
             raise DigestMismatch(f"{f.name}: downloaded content hashes to sha256:{got_hex}, expected {f.digest}; "
-                                 "discarded")
-        out.commit()
-    except BaseException:
-        out.abort()
-        raise
+                                 f"discarded {partial}")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(partial, target)
+    dfd = os.open(f.layer_dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
     f.switch_to(target)
-    log.info("background download of %s finished: %d bytes", f.name, size)
+    log.info("background download of %s finished: %d bytes fetched, %d resumed from %s", f.name, fetched, reused,
+             partial)
     return target
 
 

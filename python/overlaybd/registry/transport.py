@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 
 import pycurl
 
+from .memcopy import NOGIL_MIN, copy_into
+
 CA_BUNDLES = ("/etc/ssl/certs/ca-bundle.crt", "/etc/ssl/certs/ca-certificates.crt")
 # libcurl errors that retrying cannot fix: bad/unknown CA, our client cert/key unusable, TLS version/cipher mismatch.
 PERMANENT_CURL_ERRORS = frozenset({58, 59, 60, 77, 80, 83, 90, 91})
@@ -82,7 +84,10 @@ class _Sink:
                 if end > self.vlen:
                     self.overflow = True
                     return 0  # abort: the server sent more than asked for
-                view[pos:end] = chunk
+                if end - pos < NOGIL_MIN:
+                    view[pos:end] = chunk
+                else:
+                    copy_into(view[pos:end], chunk)  # libcurl 8 passes <= 16 KiB; builds honouring BUFFERSIZE more
                 self.pos = end
                 return None
             # An error body (JSON errors, redirects) never goes into the caller's data buffer.
