@@ -22,7 +22,7 @@ import time
 import traceback
 
 S = sys.argv[1]
-BIN = "/work/main/.venv/bin"
+BIN = os.path.dirname(sys.executable)  # the checkout's .venv/bin (the guest runs it over 9p)
 BASE = "/tmp/ctrvm"
 RUN = "/run/ctrvm"
 SOCK = f"{RUN}/containerd.sock"

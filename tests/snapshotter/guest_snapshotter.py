@@ -19,7 +19,7 @@ import time
 import traceback
 
 S = sys.argv[1]
-BIN = "/work/main/.venv/bin"
+BIN = os.path.dirname(sys.executable)  # the checkout's .venv/bin (the guest runs it over 9p)
 results: dict[str, str] = {}
 
 

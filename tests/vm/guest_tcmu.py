@@ -17,7 +17,7 @@ import traceback
 from overlaybd.tcmu import configfs
 
 S = sys.argv[1]
-BIN = "/work/main/.venv/bin"
+BIN = os.path.dirname(sys.executable)  # the checkout's .venv/bin (the guest runs it over 9p)
 DAEMON = sys.argv[2] if len(sys.argv) > 2 else f"{BIN}/overlaybd-tcmu"  # e.g. the frozen bundle's
 QUICK = len(sys.argv) > 3 and sys.argv[3] == "quick"  # only the read-only vector part
 BLOB = bytes((7 * i + 3) & 255 for i in range(20000))

@@ -2,7 +2,7 @@
 
 Boots Debian's kernel under TCG (-accel tcg -cpu max; KVM here is nested PVM and cannot run it)
 with a busybox-static initramfs. The guest root is the *host's* root filesystem shared read-only
-over 9p, so the guest runs the very same /work/main/.venv python and the host's kmod/util-linux/
+over 9p, so the guest runs the very same <repo>/.venv python and the host's kmod/util-linux/
 e2fsprogs, and modprobe finds the kernel's modules in the host's /lib/modules. A second 9p share,
 writable, is the test's scratch dir (test images, writable layers, outputs), mounted at the same
 path as on the host. Commands run as one shell script per boot; its output and exit code come
@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parents[2]  # the checkout whose .venv the guest runs
 KVER = os.environ.get("OVERLAYBD_VM_KVER", "6.1.0-56-amd64")
 KERNEL = Path(f"/boot/vmlinuz-{KVER}")
 MODULE_DIR = Path(f"/lib/modules/{KVER}")
@@ -33,17 +34,21 @@ mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 for m in $(cat /modules.order); do insmod /modules/$m.ko 2>/dev/null; done
 S=$(cat /scratch.path)
-mkdir -p /host
+R=$(cat /repo.path)
+mkdir -p /host /hostro
 mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose,msize=512000 hostroot /host || echo "VM: no hostroot"
+mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose,msize=512000 hostroot /hostro
 mount -t proc proc /host/proc
 mount -t sysfs sys /host/sys
 mount -t devtmpfs dev /host/dev
 mount -t tmpfs tmpfs /host/tmp
 mount -t tmpfs tmpfs /host/run
+# the checkout (and its .venv) may live under /tmp or /run, now hidden by the tmpfs: show it again
+mkdir -p /host$R && mount --bind /hostro$R /host$R
 mkdir -p /host$S
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 scratch /host$S || echo "VM: no scratch"
 echo "VM: running script"
-chroot /host /usr/bin/env -i PATH=/work/main/.venv/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root \
+chroot /host /usr/bin/env -i PATH=$R/.venv/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root \
   /bin/sh -c "cd $S && /bin/sh $S/guest-script.sh > $S/guest-output.log 2>&1; echo \$? > $S/guest-rc"
 sync
 echo "VM: done"
@@ -110,6 +115,7 @@ def build_initramfs(out: Path, scratch: str) -> Path:
         names.append(name)
     (root / "modules.order").write_text("\n".join(names) + "\n")
     (root / "scratch.path").write_text(scratch + "\n")
+    (root / "repo.path").write_text(str(REPO) + "\n")
     init = root / "init"
     init.write_text(INIT)
     init.chmod(0o755)
@@ -129,7 +135,7 @@ class Guest:
         self.work = work
         self.memory_mb = memory_mb
         self.cpus = cpus
-        key = hashlib.sha256((INIT + str(self.scratch) + KVER).encode()).hexdigest()[:12]
+        key = hashlib.sha256((INIT + str(self.scratch) + str(REPO) + KVER).encode()).hexdigest()[:12]
         self.initrd = work / f"initramfs-{key}.cpio.gz"
         if not self.initrd.exists():
             build_initramfs(self.initrd, str(self.scratch))

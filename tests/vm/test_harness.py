@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from qemu import KVER
+from qemu import KVER, REPO
 
 pytestmark = pytest.mark.vm
 
@@ -11,7 +11,7 @@ pytestmark = pytest.mark.vm
 def test_script_output_and_exit_code(guest):
     (guest.scratch / "from-host.txt").write_text("shared\n")
     r = guest.run("uname -r; cat from-host.txt; echo made-in-guest > from-guest.txt; "
-                  "test -w /work/main && echo host-root-writable; exit 3\n", timeout=300)
+                  f"test -w {REPO} && echo host-root-writable; exit 3\n", timeout=300)
     assert r.rc == 3
     lines = r.output.splitlines()
     assert lines[0] == KVER and lines[1] == "shared" and "host-root-writable" not in lines
