@@ -176,9 +176,12 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 [plugins."io.containerd.internal.v1.opt"]
   path = "{self.base}/opt"
 [plugins."io.containerd.gc.v1.scheduler"]
-  # GC only when a client asks for it (--sync): makes "unreferenced snapshot gone" deterministic
+  # GC only when a client asks for it (--sync): makes "unreferenced snapshot gone" deterministic.
+  # startup_delay: containerd also collects once shortly after start; on a loaded machine that pass
+  # could land in the middle of a test and remove its unreferenced ctr snapshots.
   mutation_threshold = 1000000
   deletion_threshold = 0
+  startup_delay = "1h"
 [proxy_plugins.overlaybd]
   type = "snapshot"
   address = "{self.snap_sock}"
