@@ -37,7 +37,7 @@ S=$(cat /scratch.path)
 R=$(cat /repo.path)
 mkdir -p /host /hostro
 mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose,msize=512000 hostroot /host || echo "VM: no hostroot"
-mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose,msize=512000 hostroot /hostro
+mount --bind /host /hostro
 mount -t proc proc /host/proc
 mount -t sysfs sys /host/sys
 mount -t devtmpfs dev /host/dev
