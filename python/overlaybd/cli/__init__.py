@@ -18,4 +18,5 @@ TOOLS: dict[str, str] = {
     "rpull": "overlaybd.cli.rpull:main",
     "overlaybd-convert": "overlaybd.cli.convert:main",
     "overlaybd-butane": "overlaybd.cli.butane:main",
+    "overlaybd-record-trace": "overlaybd.cli.record_trace:main",
 }

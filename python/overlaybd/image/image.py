@@ -128,7 +128,7 @@ def effective_lowers(cfg: DeviceConfig) -> list[Any]:
     if cfg.acceleration_layer:
         if not cfg.lowers:
             raise ImageOpenError(cfg.path or "<config>", "accelerationLayer", "set but there are no lowers")
-        return list(cfg.lowers[:-1])  # trace replay of the acceleration layer: TODO
+        return list(cfg.lowers[:-1])  # its <dir>/trace is replayed by image.prefetch
     return list(cfg.lowers)
 
 

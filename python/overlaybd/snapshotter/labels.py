@@ -25,6 +25,8 @@ SNAPSHOT_TYPE = "containerd.io/snapshot/type"
 WRITABLE = "containerd.io/snapshot/overlaybd.writable"
 LOCAL_COMMIT_PATH = "containerd.io/snapshot/overlaybd.localcommitpath"
 ACCELERATION_LAYER = "containerd.io/snapshot/overlaybd/acceleration-layer"
+RECORD_TRACE = "containerd.io/snapshot/overlaybd/record-trace"
+RECORD_TRACE_PATH = "containerd.io/snapshot/overlaybd/record-trace-path"
 
 MAX_LABEL_BYTES = 4096  # containerd labels.Validate: len(key)+len(value)
 DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
@@ -51,6 +53,11 @@ def validate(labels: dict[str, str]) -> None:
     writable = labels.get(WRITABLE)
     if writable is not None and writable not in (*WRITABLE_MODES, "overlayfs", "false"):
         raise InvalidArgument(f"label {WRITABLE}={writable!r} must be dir or dev: invalid argument")
+    if records_trace(labels):
+        trace = labels.get(RECORD_TRACE_PATH, "")
+        if not trace.startswith("/"):
+            raise InvalidArgument(f"label {RECORD_TRACE_PATH}={trace!r} must be an absolute path when "
+                                  f"{RECORD_TRACE}=yes: invalid argument")
 
 
 def image_ref(labels: dict[str, str]) -> str:
@@ -61,3 +68,13 @@ def is_remote_layer(labels: dict[str, str]) -> bool:
     """Upstream identifySnapshotStorageType rule 1: a lazily loadable overlaybd layer being pulled."""
     return bool(labels.get(TARGET_SNAPSHOT_REF) and labels.get(BLOB_DIGEST) and labels.get(BLOB_SIZE)
                 and image_ref(labels))
+
+
+def records_trace(labels: dict[str, str]) -> bool:
+    """`ctr record-trace`: the rootfs asks for its image layer's reads to be recorded."""
+    return labels.get(RECORD_TRACE) == "yes"
+
+
+def is_acceleration_layer(labels: dict[str, str]) -> bool:
+    """The image's trace layer (manifest annotation): its blob is a small tar holding `trace`."""
+    return labels.get(ACCELERATION_LAYER) == "yes"

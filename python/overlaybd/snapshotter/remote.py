@@ -56,7 +56,11 @@ def parent_lowers(parent: SnapshotDir | None) -> list[dict[str, Any]]:
     of its chain including its own (remote blob or sealed file), so this is just the parent's `lowers`."""
     if parent is None:
         return []
-    return list(read_config(parent.config).get("lowers", []))
+    cfg = read_config(parent.config)
+    lowers = list(cfg.get("lowers", []))
+    if cfg.get("accelerationLayer") and lowers:
+        lowers.pop()  # the trace layer is no disk layer: layers stacked above leave it out
+    return lowers
 
 
 def sealed_config(sd: SnapshotDir) -> dict[str, Any]:
@@ -73,6 +77,15 @@ def remote_layer_config(sd: SnapshotDir, parent: SnapshotDir | None, blob_url: s
     if len(lowers) > 255:
         raise InvalidArgument(f"layer chain of {len(lowers)} overlaybd layers exceeds 255: invalid argument")
     return {"repoBlobUrl": blob_url, "lowers": lowers, "resultFile": sd.result_file}
+
+
+def acceleration_layer_config(sd: SnapshotDir, parent: SnapshotDir | None, blob_url: str, digest: str,
+                              size: int) -> dict[str, Any]:
+    """The image's trace layer: the parent's lowers plus this layer (dir holds `trace`), flagged so the image
+    service drops it from the disk and replays `<dir>/trace` (spec format.md §8)."""
+    cfg = remote_layer_config(sd, parent, blob_url, digest, size)
+    cfg["accelerationLayer"] = True
+    return cfg
 
 
 def writable_config(sd: SnapshotDir, parent: SnapshotDir | None) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from ..config.snapshotter import SnapshotterConfig
+from ..format.atomic import atomic_write_bytes
 from . import labels as L
 from .devices import DeviceBackend
 from .errors import (
@@ -36,8 +37,10 @@ from .fsutil import disk_usage, is_mounted, remove_tree, umount
 from .layout import SnapshotDir, snapshots_dir
 from .mounts import Mount, bind, overlay_mounts
 from .remote import (
+    acceleration_layer_config,
     is_overlaybd_file,
     parent_lowers,
+    read_config,
     remote_layer_config,
     repo_blob_url,
     sealed_config,
@@ -190,10 +193,16 @@ class Snapshotter:
             self._prepare_remote(key, parent, labels)  # raises AlreadyExists when the lazy layer is ready
         image_layer = bool(labels.get(L.TARGET_SNAPSHOT_REF)) or labels.get(L.SNAPSHOT_TYPE) == "image"
         writable = labels.get(L.WRITABLE) or ("" if image_layer else self.cfg.rw_mode)
+        record = kind == ACTIVE and L.records_trace(labels)
+        if record and writable in L.WRITABLE_MODES:
+            raise InvalidArgument(f"{L.RECORD_TRACE}=yes needs an overlayfs rootfs, not rwMode {writable!r}: "
+                                  "invalid argument")
         with self.store.transaction() as tx:
             if tx.find(key) is not None:
                 raise AlreadyExists(f"snapshot {key} already exists")
             p = self._parent(tx, parent)
+            if record:
+                self._attach_recording(tx, p, labels[L.RECORD_TRACE_PATH])
             s = tx.insert(key, parent, kind, labels)
             sd = self.dir(s)
             if os.path.lexists(sd.path):  # leftover of a crash before COMMIT: ids are never reused
@@ -210,9 +219,59 @@ class Snapshotter:
         crashpoint("create.after-commit")
         return mounts
 
+    def _attach_recording(self, tx: Transaction, p: Snapshot | None, trace_path: str) -> None:
+        """`ctr record-trace`: (re)attach the image's top layer device with `recordTracePath` (an emptied file),
+        so the image service records every layer read until `<trace>.lock` is removed or the device closes.
+        The config is restored right after the attach: only this attach records."""
+        if p is None or not self.dir(p).is_block():
+            raise InvalidArgument(f"{L.RECORD_TRACE}=yes: the parent is not an overlaybd layer: invalid argument")
+        psd = self.dir(p)
+        cfg = read_config(psd.config)
+        if cfg.get("accelerationLayer"):
+            raise FailedPrecondition(f"{L.RECORD_TRACE}=yes: layer {p.key} is an acceleration layer; record on the "
+                                     "image without it: failed precondition")
+        if is_mounted(psd.mountpoint) or os.path.exists(psd.backstore_mark):
+            if tx.has_children(p.key):
+                raise FailedPrecondition(f"{L.RECORD_TRACE}=yes: the device of layer {p.key} is in use by other "
+                                         "snapshots; stop their containers first: failed precondition")
+            self._release(psd)
+        try:
+            with open(trace_path, "wb"):
+                pass  # an empty file means record mode
+            for stale in (trace_path + ".ok", trace_path + ".lock"):
+                if os.path.exists(stale):
+                    os.unlink(stale)
+        except OSError as e:
+            raise InvalidArgument(f"{L.RECORD_TRACE_PATH}={trace_path!r}: {e.strerror}: invalid argument") from e
+        write_config(psd.config, {**cfg, "recordTracePath": trace_path})
+        try:
+            self._ensure_ro_mounted(p)
+        finally:
+            write_config(psd.config, cfg)
+
+    def _acceleration_trace(self, labels: dict[str, str]) -> bytes:
+        """The `trace` inside an acceleration layer's (small, tar) blob, fetched now: it must be local."""
+        from ..format.errors import FormatError
+        from .record_trace import fetch_acceleration_trace
+
+        digest = labels[L.BLOB_DIGEST]
+        try:
+            return fetch_acceleration_trace(L.image_ref(labels), digest, self.insecure)
+        except FormatError as e:
+            raise InvalidArgument(f"acceleration layer {digest}: {e}: invalid argument") from e
+        except OSError as e:
+            raise Unavailable(f"acceleration layer {digest}: cannot fetch it: {e}") from e
+
     def _prepare_remote(self, key: str, parent: str, labels: dict[str, str]) -> None:
         """Remote-snapshot protocol: commit `labels[snapshot.ref]` as a lazy layer, answer AlreadyExists."""
         target = labels[L.TARGET_SNAPSHOT_REF]
+        accel = L.is_acceleration_layer(labels)
+        if accel and not parent:
+            raise InvalidArgument(f"acceleration layer {labels[L.BLOB_DIGEST]} has no parent layer: invalid argument")
+        with self.store.transaction() as tx:
+            if tx.find(target) is not None:
+                raise AlreadyExists(f"target snapshot {target} already exists")
+        trace = self._acceleration_trace(labels) if accel else b""  # network: outside the transaction
         with self.store.transaction() as tx:
             existing = tx.find(target)
             if existing is not None:
@@ -230,8 +289,10 @@ class Snapshotter:
                 remove_tree(sd.path)
             os.makedirs(sd.fs, mode=0o755)
             os.makedirs(sd.mountpoint)
-            cfg = remote_layer_config(sd, self.dir(p) if p else None, url, labels[L.BLOB_DIGEST],
-                                      int(labels[L.BLOB_SIZE]))
+            make_config = acceleration_layer_config if accel else remote_layer_config
+            cfg = make_config(sd, self.dir(p) if p else None, url, labels[L.BLOB_DIGEST], int(labels[L.BLOB_SIZE]))
+            if accel:
+                atomic_write_bytes(os.path.join(sd.block, "trace"), trace)
             write_config(sd.config, cfg)
             with open(sd.image_ref, "w") as f:
                 f.write(L.image_ref(labels))

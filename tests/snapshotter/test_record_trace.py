@@ -1,0 +1,239 @@
+"""overlaybd-record-trace end to end: record a container's reads of an rpulled image, publish the image with an
+acceleration layer, then rpull it on a fresh host: the trace replay fills the registry cache before any container
+reads, so the traced file is readable with the registry stopped.
+
+Also the acceleration layer's format helpers and the snapshotter's checks of the record-trace labels."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import subprocess
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+from overlaybd.cli.convert import main as convert_main
+from overlaybd.format.errors import FormatError
+from overlaybd.format.trace import TraceRecord, read_trace, write_trace
+from overlaybd.snapshotter import labels as L
+from overlaybd.snapshotter.record_trace import (
+    RecordTraceError,
+    append_acceleration_layer,
+    build_acceleration_layer,
+    read_acceleration_trace,
+)
+
+from .harness import VENV_BIN
+from .images import busybox_layer, files_layer, write_layout
+from .test_remote import rpull
+
+MiB = 1 << 20
+BIG = random.Random(7).randbytes(4 * MiB)  # read by the recorded command
+COLD = random.Random(8).randbytes(4 * MiB)  # never read: must not be prefetched
+COMMAND = ["/bin/sh", "-c", "cat /data/big > /dev/null && echo read-ok"]
+
+
+def _ready_stack(stack_factory, registry):
+    s = stack_factory({"mirrorRegistry": [{"host": registry.host, "insecure": True}]}, start=False)
+    s.start_daemon()
+    s.start_snapshotter()
+    s.start_containerd()
+    return s
+
+
+@pytest.fixture
+def traced_image(registry, tmp_path) -> tuple[str, str]:
+    """busybox + a layer with /data/big and /data/cold, converted to overlaybd and pushed; (ref, files layer)."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    write_layout(src, "localhost/t/rt:1", [busybox_layer(), files_layer({"data/big": BIG, "data/cold": COLD})])
+    assert convert_main([f"oci:{src}", f"oci:{dst}:obd", "--vsize", "1", "--work-dir", str(tmp_path)]) == 0
+    ref = registry.push_layout(dst, "obd", "obd/rt:1")
+    idx = json.loads((dst / "index.json").read_text())
+    manifest = json.loads((dst / "blobs/sha256" / idx["manifests"][0]["digest"][7:]).read_text())
+    return ref, manifest["layers"][-1]["digest"]
+
+
+def _record(stack, ref: str, new_ref: str, work: Path, command: list[str] = COMMAND,
+            timeout: int = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([str(VENV_BIN / "overlaybd-record-trace"), "--address", str(stack.sock), "--plain-http",
+                           "--timeout", str(timeout), "--work-dir", str(work), ref, new_ref, "--", *command],
+                          capture_output=True, text=True, timeout=600)
+
+
+def _configs(stack) -> list[tuple[Path, dict]]:
+    return [(p, json.loads(p.read_text())) for p in (stack.snap_root / "snapshots").glob("*/block/config.v1.json")]
+
+
+def _cached_bytes(stack, digest: str) -> int:
+    """Bytes of blob `digest` held in the daemon's block cache (its sparse data file's allocated size)."""
+    files = [p for p in (stack.base / "cache").rglob("*") if p.is_file() and digest[7:] in p.name
+             and not p.name.endswith(".meta")]
+    return sum(p.stat().st_blocks * 512 for p in files)
+
+
+def _wait_replayed(stack) -> str:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        for text in (stack.log("overlaybd"), stack.log("daemon")):
+            for line in text.splitlines():
+                if "prefetch trace" in line and "replayed:" in line:
+                    return line
+        time.sleep(0.2)
+    raise AssertionError(f"no trace replay logged\n{stack.log('daemon')}\n{stack.log('overlaybd')}")
+
+
+@pytest.mark.containerd
+@pytest.mark.registry
+def test_record_publish_and_replay(stack_factory, registry, traced_image, tmp_path, cname):
+    ref, files_digest = traced_image
+    new_ref = f"{registry.host}/obd/rt:accel"
+
+    # 1. record on host A
+    a = _ready_stack(stack_factory, registry)
+    rpull(a, ref)
+    # the image's device is in use by a running container: recording would miss its reads, so it is refused
+    a.ctr("run", "-d", "--snapshotter", "overlaybd", ref, cname, "/bin/sleep", "600")
+    r = _record(a, ref, new_ref, tmp_path / "rec")
+    assert r.returncode == 1 and "in use by other snapshots" in r.stderr, r.stderr
+    a.ctr("task", "kill", "-s", "SIGKILL", cname)
+    a.ctr("task", "delete", "--force", cname)
+    a.ctr("container", "rm", cname)
+    # still attached but unused now: the snapshotter re-attaches it to record
+    r = _record(a, ref, new_ref, tmp_path / "rec")
+    assert r.returncode == 0, f"{r.stderr}\n--- snapshotter ---\n{a.log('snapshotter')}\n{a.log('daemon')}"
+    assert "read-ok" in r.stdout
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    trace_path = tmp_path / "rec" / "trace"
+    assert summary["records"] > 0 and Path(str(trace_path) + ".ok").exists()
+    assert not Path(str(trace_path) + ".lock").exists()
+    records = read_trace(trace_path)
+    assert {rec.layer_index for rec in records} <= {0, 1} and sum(rec.count for rec in records) >= len(BIG)
+    # recording was for that one attach: no layer config keeps recordTracePath
+    assert all("recordTracePath" not in cfg for _, cfg in _configs(a))
+    # a command that outlives --timeout is killed; what it read until then is published
+    r = _record(a, ref, f"{registry.host}/obd/rt:slept", tmp_path / "slept", ["/bin/sleep", "600"], timeout=5)
+    assert r.returncode == 0, f"{r.stderr}\n--- snapshotter ---\n{a.log('snapshotter')}"
+    assert json.loads(r.stdout.strip().splitlines()[-1])["timedOut"] is True
+    assert not a.ctr("container", "ls", "-q").stdout.strip()
+
+    # 2. the published image: the old layers plus the acceleration layer
+    b = _ready_stack(stack_factory, registry)
+    rpull(b, new_ref, check=True)
+    accel = [(p, cfg) for p, cfg in _configs(b) if cfg.get("accelerationLayer")]
+    assert len(accel) == 1
+    accel_cfg_path, accel_cfg = accel[0]
+    assert len(accel_cfg["lowers"]) == 3 and accel_cfg["lowers"][-1]["dir"] == str(accel_cfg_path.parent)
+    assert (accel_cfg_path.parent / "trace").read_bytes() == trace_path.read_bytes()
+    assert _cached_bytes(b, files_digest) == 0
+
+    # 3. attaching the image (no container reads anything) replays the trace into the cache
+    top = [i.name for i in b.backend() if i.labels.get(L.ACCELERATION_LAYER) == "yes"][0]
+    from overlaybd.snapshotter import snapshots_pb2 as pb
+
+    stub, ch = b.snapshot_client()
+    try:
+        stub.Prepare(pb.PrepareSnapshotRequest(key="probe", parent=top))
+        line = _wait_replayed(b)
+        assert ", 0 errors" in line, line
+        cached = _cached_bytes(b, files_digest)
+        assert len(BIG) <= cached < len(BIG) + len(COLD), (cached, line)
+        stub.Remove(pb.RemoveSnapshotRequest(key="probe"))
+        # a writable device on the acceleration layer stacks on the image layers only (the trace layer is left out)
+        m = stub.Prepare(pb.PrepareSnapshotRequest(key="w", parent=top, labels={L.WRITABLE: "dir"})).mounts
+        wcfg = json.loads((Path(m[0].source).parent / "config.v1.json").read_text())
+        assert len(wcfg["lowers"]) == 2 and "accelerationLayer" not in wcfg
+        assert (Path(m[0].source) / "data/big").read_bytes() == BIG
+        stub.Remove(pb.RemoveSnapshotRequest(key="w"))
+    finally:
+        ch.close()
+
+    # 4. the traced reads need no registry any more
+    registry.stop()
+    try:
+        out = b.ctr("run", "--rm", "--snapshotter", "overlaybd", new_ref, cname, *COMMAND)
+        assert "read-ok" in out.stdout
+    finally:
+        registry.start()
+
+
+@pytest.mark.containerd
+def test_record_trace_label_checks(stack, tmp_path):
+    """Malformed record-trace labels are rejected at Prepare with InvalidArgument, naming the label."""
+    import grpc
+    from overlaybd.snapshotter import snapshots_pb2 as pb
+
+    stub, ch = stack.snapshot_client()
+    try:
+        for labels, needle in (
+            ({L.RECORD_TRACE: "yes", L.RECORD_TRACE_PATH: "relative/trace"}, L.RECORD_TRACE_PATH),
+            ({L.RECORD_TRACE: "yes"}, L.RECORD_TRACE_PATH),
+            ({L.RECORD_TRACE: "yes", L.RECORD_TRACE_PATH: str(tmp_path / "t")}, "not an overlaybd layer"),
+            ({L.RECORD_TRACE: "yes", L.RECORD_TRACE_PATH: str(tmp_path / "t"), L.WRITABLE: "dir"}, "rwMode"),
+        ):
+            with pytest.raises(grpc.RpcError) as ei:
+                stub.Prepare(pb.PrepareSnapshotRequest(key="rt", labels=labels))
+            assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT, ei.value.details()
+            assert needle in ei.value.details()
+    finally:
+        ch.close()
+    assert not (tmp_path / "t").exists()
+
+
+# --------------------------------------------------------------------------- acceleration layer format
+
+
+def test_acceleration_layer_round_trip(tmp_path):
+    path = tmp_path / "trace"
+    write_trace(path, [TraceRecord("R", 1, 4096, 8192)])
+    blob = build_acceleration_layer(path.read_bytes())
+    assert blob == build_acceleration_layer(path.read_bytes())  # reproducible
+    assert read_acceleration_trace(blob, "accel") == path.read_bytes()
+
+
+def test_acceleration_layer_bad_blobs():
+    with pytest.raises(FormatError) as ei:
+        read_acceleration_trace(b"not a tar at all" * 100, "reg/repo@sha256:x")
+    assert ei.value.path == "reg/repo@sha256:x" and ei.value.field == "tar"
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        ti = tarfile.TarInfo("other")
+        tf.addfile(ti, io.BytesIO(b""))
+        ti = tarfile.TarInfo("trace")
+        ti.type = tarfile.DIRTYPE
+        tf.addfile(ti)
+    with pytest.raises(FormatError) as ei:
+        read_acceleration_trace(buf.getvalue(), "accel")
+    assert ei.value.field == "trace" and "regular file" in str(ei.value)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        tf.addfile(tarfile.TarInfo("other"), io.BytesIO(b""))
+    with pytest.raises(FormatError) as ei:
+        read_acceleration_trace(buf.getvalue(), "accel")
+    assert ei.value.field == "trace" and "no `trace`" in str(ei.value)
+
+
+def test_append_acceleration_layer(tmp_path):
+    layout = tmp_path / "layout"
+    write_layout(layout, "x:src", [busybox_layer()])
+    digest = append_acceleration_layer(layout, "src", "accel", b"TRACE")
+    idx = json.loads((layout / "index.json").read_text())
+    entry = [m for m in idx["manifests"] if m["digest"] == digest][0]
+    assert entry["annotations"]["org.opencontainers.image.ref.name"] == "accel"
+    manifest = json.loads((layout / "blobs/sha256" / digest[7:]).read_bytes())
+    top = manifest["layers"][-1]
+    assert top["annotations"][L.ACCELERATION_LAYER] == "yes"
+    assert top["annotations"][L.BLOB_DIGEST] == top["digest"]
+    assert top["annotations"][L.BLOB_SIZE] == str(top["size"])
+    config = json.loads((layout / "blobs/sha256" / manifest["config"]["digest"][7:]).read_bytes())
+    assert config["rootfs"]["diff_ids"][-1] == top["digest"]  # uncompressed: diff_id == digest
+    blob = (layout / "blobs/sha256" / top["digest"][7:]).read_bytes()
+    assert read_acceleration_trace(blob, "accel") == b"TRACE"
+    with pytest.raises(RecordTraceError, match="already has an acceleration layer"):
+        append_acceleration_layer(layout, "accel", "accel2", b"TRACE")
+    with pytest.raises(RecordTraceError, match="no image named"):
+        append_acceleration_layer(layout, "missing", "x", b"")
+    assert os.path.exists(layout / "oci-layout")
