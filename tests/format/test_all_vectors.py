@@ -16,10 +16,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from disk_hash import logical_sha256
 from overlaybd.config.device import load_device_config
 from overlaybd.config.service import load_service_config
 from overlaybd.format import lsmt
-from overlaybd.format.fileio import LocalFile, RandomAccessFile
+from overlaybd.format.fileio import LocalFile
 from overlaybd.format.lsmt.header import HeaderTrailer
 from overlaybd.format.opener import open_layer, unwrap
 from overlaybd.format.trace import read_trace
@@ -39,19 +40,6 @@ Check = Callable[[Path, Path, Path], None]  # (file, vectors dir, tmp_path)
 
 
 # -- helpers ---------------------------------------------------------------------------------
-
-
-def logical_sha256(img: RandomAccessFile) -> str:
-    """Hash the whole virtual disk in 1 MiB reads (holes are memset by the readers, not I/O)."""
-    h = hashlib.sha256()
-    buf = memoryview(bytearray(MIB))
-    off, size = 0, img.size()
-    while off < size:
-        n = img.pread_into(buf[: min(MIB, size - off)], off)
-        assert n > 0, f"short read at {off} of {size}"
-        h.update(buf[:n])
-        off += n
-    return h.hexdigest()
 
 
 def file_sha256(path: Path) -> str:

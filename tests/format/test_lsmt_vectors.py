@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import bisect
-import hashlib
 import io
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+from disk_hash import logical_sha256
 from overlaybd.format import lsmt
 from overlaybd.format.fileio import LocalFile
 
@@ -17,19 +17,6 @@ L0_SHA = "d42a6fb743ce3e3eebdf0ad2560c98de47252c0f4d3a2b561509c34f82728892"
 L01_SHA = "7d136d857b79c2979f663ea122311b599c9df0fa25a468f99d97fe6677c6eafa"
 VSIZE = 64 << 20
 UUID = "0f5e3a10-0000-4000-8000-0000000000"
-
-
-def logical_sha256(f) -> str:
-    """Hash the whole virtual disk, streamed in 1 MiB reads."""
-    h = hashlib.sha256()
-    buf = memoryview(bytearray(1 << 20))
-    off = 0
-    while off < f.size():
-        n = f.pread_into(buf, off)
-        assert n > 0
-        h.update(buf[:n])
-        off += n
-    return h.hexdigest()
 
 
 def ro(path: Path) -> lsmt.ReadOnlyLayer:

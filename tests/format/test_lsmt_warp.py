@@ -10,6 +10,7 @@ import struct
 from pathlib import Path
 
 import pytest
+from disk_hash import logical_sha256
 from overlaybd.format import lsmt
 from overlaybd.format.atomic import AtomicOutput
 from overlaybd.format.errors import BadIndex, BadMagic, FormatError, Truncated, Unaligned
@@ -25,18 +26,6 @@ TOCI_FILE_SHA = "a6a876f6a6a8c3708fb7ce6ac4a392311b9ee66ae1d99d5feaa197bebb77720
 GIB = 1 << 30
 BLOB_LBA = 5192  # bin/blob (20000 bytes, byte i = (7i+3) & 255) is remote-mapped here
 HELLO_LBA = 5240  # etc/hello.txt
-
-
-def logical_sha256(f) -> str:
-    h = hashlib.sha256()
-    buf = memoryview(bytearray(1 << 20))
-    off = 0
-    while off < f.size():
-        n = f.pread_into(buf, off)
-        assert n > 0
-        h.update(buf[:n])
-        off += n
-    return h.hexdigest()
 
 
 @pytest.fixture

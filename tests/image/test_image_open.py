@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
 import pytest
+from disk_hash import logical_sha256
 from image_helpers import L0_SHA, L01_SHA
 from overlaybd.config.device import device_config_from_dict
 from overlaybd.format.errors import ReadOnly
@@ -14,16 +14,6 @@ from overlaybd.format.fileio import LocalFile
 from overlaybd.image import ImageOpenError, LayerOpenError, open_image
 
 MiB = 1 << 20
-
-
-def disk_sha(img) -> str:
-    h = hashlib.sha256()
-    buf = bytearray(4 * MiB)
-    view = memoryview(buf)
-    for off in range(0, img.size(), len(buf)):
-        n = img.pread_into(view[: min(len(buf), img.size() - off)], off)
-        h.update(view[:n])
-    return h.hexdigest()
 
 
 @pytest.mark.parametrize(
@@ -46,7 +36,7 @@ def test_lowers(vectors: Path, write_config, tmp_path: Path, files: list[str], s
     cfg = write_config({"lowers": [{"file": str(vectors / f)} for f in files], "resultFile": str(result)})
     with open_image(cfg) as img:
         assert img.read_only and img.size() == 64 * MiB
-        assert disk_sha(img) == sha
+        assert logical_sha256(img) == sha
     assert result.read_text() == "success"
 
 
@@ -57,14 +47,14 @@ def test_rw_upper_on_committed_lower(vectors: Path, write_config, rw_copy) -> No
     )
     with open_image(cfg) as img:
         assert not img.read_only
-        assert disk_sha(img) == L01_SHA
+        assert logical_sha256(img) == L01_SHA
 
 
 def test_sparse_upper_alone(write_config, rw_copy) -> None:
     data, index = rw_copy("S0")
     cfg = write_config({"lowers": [], "upper": {"data": str(data), "index": str(index)}})
     with open_image(cfg) as img:
-        assert disk_sha(img) == L0_SHA
+        assert logical_sha256(img) == L0_SHA
 
 
 def test_writes_discards_and_reopen(vectors: Path, write_config, rw_copy) -> None:
@@ -101,14 +91,14 @@ def test_dir_candidates(vectors: Path, write_config, layer_dir, name: str) -> No
     d = layer_dir(src, name)
     cfg = write_config({"lowers": [{"dir": str(d), "digest": "sha256:unused"}]})
     with open_image(cfg, remote_opener=_no_remote) as img:
-        assert disk_sha(img) == L0_SHA
+        assert logical_sha256(img) == L0_SHA
 
 
 def test_file_wins_over_dir(vectors: Path, write_config, layer_dir) -> None:
     d = layer_dir(vectors / "commit" / "L1.commit", "overlaybd.commit")
     cfg = write_config({"lowers": [{"file": str(vectors / "commit" / "L0.commit"), "dir": str(d)}]})
     with open_image(cfg) as img:
-        assert disk_sha(img) == L0_SHA
+        assert logical_sha256(img) == L0_SHA
 
 
 def _no_remote(url, lower, service):
@@ -132,7 +122,7 @@ def test_remote_lower_through_opener(vectors: Path, write_config, tmp_path: Path
         }
     )
     with open_image(cfg, service="SVC", remote_opener=opener) as img:
-        assert disk_sha(img) == L01_SHA
+        assert logical_sha256(img) == L01_SHA
     assert [c[1] for c in calls] == ["sha256:l0", "sha256:l1"]
     assert calls[0][0] == "https://registry.invalid/v2/ns/img/blobs" and calls[0][2] == "SVC"
 
@@ -193,7 +183,7 @@ def test_acceleration_layer_dropped(vectors: Path) -> None:
         }
     )
     with open_image(cfg) as img:
-        assert disk_sha(img) == L0_SHA
+        assert logical_sha256(img) == L0_SHA
 
 
 def test_no_layers(write_config) -> None:
@@ -233,7 +223,7 @@ def test_turbooci_lower_reads_through_target_file(vectors: Path, write_config, t
     )
     with open_image(cfg) as img:
         assert img.size() == 1 << 30
-        assert disk_sha(img) == TOCI_SHA
+        assert logical_sha256(img) == TOCI_SHA
 
 
 def test_turbooci_remote_target_is_refused_by_name(vectors: Path, write_config, tmp_path: Path) -> None:
