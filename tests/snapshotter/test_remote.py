@@ -264,7 +264,10 @@ def test_crash_during_remove_of_writable_releases_device(lazy_stack, obd_image):
     assert any(k.endswith(f"-{sid}") for k in devices)
     lazy_stack.start_snapshotter()
     devices = request({"op": "list"}, str(lazy_stack.fuse_sock))["devices"]
-    assert not any(k.endswith(f"-{sid}") for k in devices)
+    assert not any(k.endswith(f"-{sid}") for k in devices), (
+        f"device of snapshot {sid} still attached after restart: {devices}\n"
+        f"--- snapshotter log ---\n{lazy_stack.log('snapshotter')}\n--- daemon log ---\n{lazy_stack.log('daemon')}"
+    )
     assert sid not in lazy_stack.snapshot_dirs()
 
 
