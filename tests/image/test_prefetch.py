@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from disk_hash import logical_sha256 as disk_sha
 from image_helpers import L01_SHA
 from overlaybd.config.device import device_config_from_dict
 from overlaybd.format import opener
@@ -22,7 +23,6 @@ from overlaybd.format.trace import RECORD, TraceRecord, encode_trace, read_trace
 from overlaybd.image import open_image
 from overlaybd.image import prefetch as prefetch_mod
 from overlaybd.image.prefetch import MAX_PIECE, PriorityListReplayer, TraceRecorder, TraceReplayer, plan_prefetch
-from test_image_open import disk_sha
 
 MiB = 1 << 20
 LAYERS = ("zfile/L0.commit.z_lz4", "commit/L1.commit")

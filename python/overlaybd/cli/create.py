@@ -3,13 +3,21 @@
 Upstream flags. The size argument is GiB when it is a bare number (upstream's only
 form) and bytes when it carries a unit: `64MiB`, `512KiB`, `1073741824B`, `2GiB`.
 `--uuid` (ours) fixes the layer UUID instead of a random one, for reproducible tests.
+
+`--mkfs` makes an ext4 file system on the new image, as upstream does: a raw image is
+formatted directly; an LSMT (append, sparse or TurboOCI warp) layer is served through the FUSE
+single-file frontend, loop-attached and formatted with the snapshotter's mkfs options, so
+the file system lands in the layer exactly as it would on an attached device. A failed
+mkfs removes the half-made data and index files.
 """
 
 from __future__ import annotations
 
 import os
 import subprocess
+import tempfile
 import uuid as uuidlib
+from typing import Any
 
 from .toolrun import ToolError, parse_uuid, parse_vsize, parser, run
 
@@ -23,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-s", dest="sparse", action="store_true", help="sparse-file layer instead of append-only")
     p.add_argument("--turboOCI", "--fastoci", dest="turbo_oci", action="store_true", help="TurboOCI warp layer")
     p.add_argument("--raw", action="store_true", help="plain raw image: data truncated to vsize, index empty")
-    p.add_argument("--mkfs", action="store_true", help="make an ext4 file system (only with --raw here)")
+    p.add_argument("--mkfs", action="store_true", help="make an ext4 file system on the new image")
     p.add_argument("--verbose", action="store_true", help="ignored (upstream debug logging)")
     p.add_argument("data", help="data file to create")
     p.add_argument("index", help="index file to create")
@@ -33,8 +41,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def create(args) -> int:
-    if args.mkfs and not args.raw:
-        raise ToolError("--mkfs: only supported with --raw (attach the layer and run mkfs on the device instead)")
     for path in (args.data, args.index):
         if os.path.lexists(path):
             raise ToolError(f"{path}: file exists")
@@ -47,25 +53,92 @@ def create(args) -> int:
     if args.turbo_oci:
         # Upstream's warp layer: index file with an LSMT header, data file a plain sparse
         # fs-meta file of vsize bytes (upstream passes -s too; it is implied here).
-        lsmt.create_warp_rw(args.data, args.index, args.vsize, uuid=layer_uuid, parent_uuid=args.parent_uuid).close()
+        layer = lsmt.create_warp_rw(args.data, args.index, args.vsize, uuid=layer_uuid, parent_uuid=args.parent_uuid)
+    else:
+        layer = lsmt.create_rw(
+            args.data, args.index, args.vsize, uuid=layer_uuid, parent_uuid=args.parent_uuid, sparse=args.sparse
+        )
+    if not args.mkfs:
+        layer.close()
         return 0
-    layer = lsmt.create_rw(
-        args.data, args.index, args.vsize, uuid=layer_uuid, parent_uuid=args.parent_uuid, sparse=args.sparse
-    )
-    layer.close()
+    try:
+        mkfs_layer(layer, args.data)
+    except BaseException:
+        _remove(args.data, args.index)
+        raise
     return 0
 
 
 def _create_raw(args) -> None:
-    fd = os.open(args.data, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     try:
-        os.ftruncate(fd, args.vsize)
+        fd = os.open(args.data, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        try:
+            os.ftruncate(fd, args.vsize)
+        finally:
+            os.close(fd)
+        os.close(os.open(args.index, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644))
+        if args.mkfs:
+            run_mkfs(args.data, args.data)
+    except BaseException:
+        _remove(args.data, args.index)
+        raise
+
+
+def _remove(*paths: str) -> None:
+    """Remove the files this run created (both were checked not to exist before)."""
+    for path in paths:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
+def run_mkfs(target: str, name: str) -> None:
+    """mkfs.ext4 with the snapshotter's options on `target`; a failure is one line naming `name`."""
+    from ..convert.convertor import MKFS_EXT4
+
+    r = subprocess.run([*MKFS_EXT4, target], capture_output=True, text=True)
+    if r.returncode != 0:
+        words = "; ".join(ln.strip() for ln in r.stderr.splitlines() if ln.strip()) or f"exit code {r.returncode}"
+        raise ToolError(f"{name}: mkfs.ext4 failed: {words}")
+
+
+def mkfs_layer(layer: Any, name: str) -> None:
+    """Format an open writable LSMT layer through FUSE + a loop device; always closes the layer.
+
+    Teardown runs in reverse on every path (detach the loop device, unmount FUSE and join its
+    threads, remove the run directory); the layer is fsynced only after a successful mkfs,
+    and an fsync failure is an error (unlike a device's close, nobody would see a log line).
+    """
+    from ..format import lsmt
+    from ..fuse import loop
+    from ..fuse.server import FuseFileServer
+
+    try:
+        stack = lsmt.Stack([], upper=layer)
+    except BaseException:
+        layer.close()
+        raise
+    try:
+        run_dir = tempfile.mkdtemp(prefix="obd-create-")
+        image_file = os.path.join(run_dir, "layer.img")
+        try:
+            server = FuseFileServer(stack, image_file, read_only=False, threads=2)
+            try:
+                server.start()
+                try:
+                    device = loop.attach(image_file)
+                    try:
+                        run_mkfs(device, name)
+                    finally:
+                        loop.detach(device)
+                finally:
+                    server.stop()
+            except (OSError, RuntimeError) as e:
+                raise ToolError(f"{name}: mkfs through a loop device: {e}") from e
+        finally:
+            _remove(image_file)  # the (unmounted) mountpoint file
+            os.rmdir(run_dir)
+        stack.fsync()
     finally:
-        os.close(fd)
-    os.close(os.open(args.index, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644))
-    if args.mkfs:
-        features = "^has_journal,sparse_super,flex_bg"  # the snapshotter's mkfs options
-        cmd = ["mkfs.ext4", "-q", "-F", "-O", features, "-G", "1", "-E", "discard", args.data]
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        if r.returncode != 0:
-            raise ToolError(f"{args.data}: mkfs.ext4 failed: {r.stderr.strip() or r.returncode}")
+        stack.close()

@@ -4,6 +4,12 @@ Upstream semantics: uuid null, parent uuid of the bottom layer, tags = layer ind
 the top; output a ZFile (lz4, block CRCs, header not overwritten) unless
 `--compress=false`; `-t` tar-wraps it. The config's `resultFile` gets `success` or
 `failed:<reason>` as when a device is opened.
+
+Trace recording: when the config's `recordTracePath` names an existing empty file, the
+reads merge makes into the layer files are recorded and dumped as a trace (plus
+`<trace>.ok`) at the end, as the image service does when a recording device closes. This
+is how upstream's test traces are made. As in the service, the reads made while opening
+the layers (headers, indexes) are not recorded.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ def merge(args) -> int:
     from ..config.device import load_device_config
     from ..format import lsmt
     from ..image import close_all, open_lowers, write_result_file
+    from ..image.prefetch import TraceRecorder, plan_prefetch
 
     if args.upload:
         raise ToolError("--upload: not supported; push the output file instead")
@@ -47,16 +54,24 @@ def merge(args) -> int:
         raise ToolError(f"{args.config}: upper: merging a writable layer is not supported; commit it first")
     if not cfg.lowers:
         raise ToolError(f"{args.config}: lowers: nothing to merge")
+    plan = plan_prefetch(cfg, args.config)
+    recorder = TraceRecorder(plan.path, args.config) if plan is not None and plan.mode == "record" else None
     owned: list = []
     try:
         try:
-            layers = open_lowers(cfg, service, None, owned)
+            layers = open_lowers(cfg, service, None, owned, recorder=recorder)
         except Exception as e:
             write_result_file(cfg.result_file, f"failed:{getattr(e, 'message', e)}")
             raise
         write_result_file(cfg.result_file, "success")
-        with LayerOutput(args.out, force=args.force, zfile=args.compress, tar=args.tar) as sink:
-            lsmt.merge(layers, sink)
+        if recorder is not None and not recorder.start():
+            recorder = None  # logged by start(); the merge itself goes on
+        try:
+            with LayerOutput(args.out, force=args.force, zfile=args.compress, tar=args.tar) as sink:
+                lsmt.merge(layers, sink)
+        finally:
+            if recorder is not None:
+                recorder.stop()  # dumps the trace and `.ok`, even when the merge failed (as a device close)
     finally:
         close_all(list(reversed(owned)))
     return 0
