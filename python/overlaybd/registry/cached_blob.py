@@ -323,7 +323,7 @@ class CachedBlob:
         recs = st.records(first, (stop - start + PAGE - 1) // PAGE)  # one pread for the whole window
         blocks = [blk for blk in range(start, stop, R) if recs[2 * (blk // PAGE - first) + 1] != MARK]
         self._frontier = stop
-        mine, _ = self._claim(blocks, READAHEAD_PIECE, hold=False)
+        mine, _ = self._claim(blocks, piece, hold=False)
         for p in mine:
             _readahead_pool().submit(self._readahead, p)
 
