@@ -70,13 +70,11 @@ def create(args) -> int:
 
 
 def _create_raw(args) -> None:
+    from ..format.lsmt.writable import create_layer_files
+
     try:
-        fd = os.open(args.data, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        try:
-            os.ftruncate(fd, args.vsize)
-        finally:
-            os.close(fd)
-        os.close(os.open(args.index, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644))
+        # raw image: data truncated to vsize (sparse), index empty
+        create_layer_files([(args.data, None, args.vsize), (args.index, None, None)])
         if args.mkfs:
             run_mkfs(args.data, args.data)
     except BaseException:

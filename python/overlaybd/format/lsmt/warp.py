@@ -35,7 +35,7 @@ from .mapping import (
 )
 from .readonly import ReadOnlyLayer, read_index_bytes
 from .segments import GapFiller, check_aligned, zero_fill
-from .writable import MAX_RW_INDEX_SIZE, WritableLayer, _pwrite_all
+from .writable import MAX_RW_INDEX_SIZE, WritableLayer, _pwrite_all, create_layer_files
 
 TAG_FSMETA = 0  # upstream SegmentType::fsMeta: the layer's own file
 TAG_REMOTE = 1  # upstream SegmentType::remoteData: the target (uncompressed layer tar)
@@ -328,25 +328,8 @@ def create_warp_rw(
     header = HeaderTrailer(
         FLAG_HEADER, HT_SPACE, 0, vsize, normalize_uuid(uuid, default=random_uuid()), normalize_uuid(parent_uuid)
     )
-    block = header.pack()
     dpath, ipath = os.fspath(data_path), os.fspath(index_path)
-    created: list[str] = []
-    try:
-        for path in (dpath, ipath):
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-            created.append(path)
-            try:
-                if path == dpath:
-                    os.ftruncate(fd, vsize)  # sparse: nothing of vsize is materialised
-                else:
-                    _pwrite_all(fd, memoryview(block), 0)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    except BaseException:
-        for path in created:
-            os.unlink(path)
-        raise
+    create_layer_files([(dpath, None, vsize), (ipath, header.pack(), None)])  # data: sparse fs-meta file
     return open_warp_rw(dpath, ipath, target=target)
 
 

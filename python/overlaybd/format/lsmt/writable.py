@@ -14,6 +14,7 @@ import ctypes
 import errno
 import os
 import threading
+from collections.abc import Sequence
 
 from ..errors import BadIndex, BadMagic, FormatError, ReadOnly, Truncated
 from ..fileio import LocalFile, read_exact
@@ -208,6 +209,31 @@ class WritableLayer:
         return f"WritableLayer({self.name!r}, {kind}, vsize={self.vsize}, entries={len(self.index)})"
 
 
+def create_layer_files(files: Sequence[tuple[str, bytes | None, int | None]]) -> None:
+    """Create each `(path, header block or None, size to truncate to or None)` exclusively and durably.
+
+    Upstream creates layer files with O_EXCL; if any of them fails, the ones already made are
+    removed again so a half-created layer never stays behind.
+    """
+    created: list[str] = []
+    try:
+        for path, block, size in files:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            created.append(path)
+            try:
+                if block is not None:
+                    _pwrite_all(fd, memoryview(block), 0)
+                if size is not None:
+                    os.ftruncate(fd, size)  # sparse: the size is not materialised
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    except BaseException:
+        for path in created:
+            os.unlink(path)
+        raise
+
+
 def create_rw(
     data_path: str | os.PathLike[str],
     index_path: str | os.PathLike[str],
@@ -229,23 +255,12 @@ def create_rw(
     data_block = data_header.pack()
     index_block = index_header.pack()  # also validates user_tag before anything is created
     dpath, ipath = os.fspath(data_path), os.fspath(index_path)
-    created: list[str] = []
-    try:
-        for path, block in ((dpath, data_block), (ipath, None if sparse else index_block)):
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-            created.append(path)
-            try:
-                if block is not None:
-                    _pwrite_all(fd, memoryview(block), 0)
-                if sparse and path == dpath:
-                    os.ftruncate(fd, vsize + HT_SPACE)  # sparse: nothing of vsize is materialised
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    except BaseException:
-        for path in created:
-            os.unlink(path)
-        raise
+    create_layer_files(
+        [
+            (dpath, data_block, vsize + HT_SPACE if sparse else None),  # sparse: nothing of vsize is materialised
+            (ipath, None if sparse else index_block, None),
+        ]
+    )
     return open_rw(dpath, ipath)
 
 
