@@ -14,10 +14,9 @@ import hashlib
 import os
 import sys
 
-from .toolrun import ToolError, load_service, parser, run
+from .toolrun import ToolError, load_service, parser, read_chunks, run
 
 TOOL = "overlaybd-dump"
-CHUNK = 1 << 20
 HOLE_GRAIN = 64 << 10  # zero runs at this granularity are skipped in OUT
 _ZERO = bytes(HOLE_GRAIN)
 
@@ -75,21 +74,6 @@ class _OwnedLayer:
             self.file.close()
 
 
-def _chunks(img):
-    """Yield memoryviews over the disk in order, reusing one 1 MiB buffer."""
-    size = img.size()
-    buf = bytearray(CHUNK)
-    view = memoryview(buf)
-    off = 0
-    while off < size:
-        want = min(CHUNK, size - off)
-        n = img.pread_into(view[:want], off)
-        if n != want:
-            raise ToolError(f"{img.name}: short read at offset {off}: {n} of {want} bytes")
-        yield view[:want]
-        off += want
-
-
 def dump(args) -> int:
     if args.sha256 and args.out:
         raise ToolError("--sha256 takes no OUT")
@@ -99,14 +83,14 @@ def dump(args) -> int:
     try:
         if args.sha256:
             h = hashlib.sha256()
-            for piece in _chunks(img):
+            for piece in read_chunks(img):
                 h.update(piece)
             print(h.hexdigest())
         elif args.out:
             _write_sparse(img, args.out, args.force)
         else:
             out = sys.stdout.buffer
-            for piece in _chunks(img):
+            for piece in read_chunks(img):
                 out.write(piece)
             out.flush()
     finally:
@@ -121,7 +105,7 @@ def _write_sparse(img, path: str, force: bool) -> None:
         raise ToolError(f"{path}: output file exists (use -f to replace it)")
     with AtomicOutput(path) as out:
         pos = 0
-        for piece in _chunks(img):
+        for piece in read_chunks(img):
             for lo in range(0, len(piece), HOLE_GRAIN):
                 part = piece[lo : lo + HOLE_GRAIN]
                 if part.tobytes() != _ZERO[: len(part)]:  # copy + memcmp: ~30x faster than memoryview ==

@@ -207,3 +207,23 @@ def load_service(path: str | None):
     if os.path.exists(DEFAULT_PATH):
         return load_service_config(DEFAULT_PATH)
     return default_service_config()
+
+
+CHUNK = 1 << 20
+
+
+def read_chunks(img):
+    """Yield memoryviews over all of `img` (a RandomAccessFile) in order, reusing one 1 MiB buffer.
+
+    Each view is valid until the next one is taken; a short read is an error naming the file.
+    """
+    size = img.size()
+    view = memoryview(bytearray(CHUNK))
+    off = 0
+    while off < size:
+        want = min(CHUNK, size - off)
+        n = img.pread_into(view[:want], off)
+        if n != want:
+            raise ToolError(f"{img.name}: short read at offset {off}: {n} of {want} bytes")
+        yield view[:want]
+        off += want

@@ -14,10 +14,9 @@ from __future__ import annotations
 import sys
 import tempfile
 
-from .toolrun import LayerOutput, ToolError, parse_block_kib, parser, run
+from .toolrun import CHUNK, LayerOutput, ToolError, parse_block_kib, parser, read_chunks, run
 
 TOOL = "overlaybd-zfile"
-CHUNK = 1 << 20
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,38 +94,16 @@ def zfile_tool(args) -> int:
             zf = zfile.open_zfile(payload)
             closers.insert(0, zf)
             with LayerOutput(dst, force=args.force) as out:
-                _copy(zf, out)
+                for piece in read_chunks(zf):
+                    out.write(piece)
         else:
             with LayerOutput(
                 dst, force=args.force, zfile=True, tar=args.tar, algorithm=args.algorithm, block_size=args.bs
             ) as out:
-                _copy(f, out, fresh=True)
+                for piece in read_chunks(f):  # ZFileBuilder copies what it is given
+                    out.write(piece)
     finally:
         for c in closers:
             c.close()
     return 0
-
-
-def _copy(src, out, fresh: bool = False) -> None:
-    """Stream all of `src` (RandomAccessFile) into `out` in 1 MiB pieces.
-
-    `fresh`: hand `out` a new bytes object per piece (a compressor may keep a reference
-    to what it was given); otherwise one buffer is reused.
-    """
-    size = src.size()
-    buf = bytearray(CHUNK)
-    view = memoryview(buf)
-    off = 0
-    while off < size:
-        want = min(CHUNK, size - off)
-        if fresh:
-            piece = src.pread(want, off)
-            n = len(piece)
-        else:
-            n = src.pread_into(view[:want], off)
-            piece = view[:n]
-        if n <= 0:
-            raise ToolError(f"{src.name}: short read at offset {off}")
-        out.write(piece)
-        off += n
 
