@@ -78,9 +78,9 @@ def report(title: str, ours: str, ref: str, rows: dict[str, tuple[dict, dict]]) 
 
 
 def bench_host(work: Path, commit: Path, raw: Path, seconds: int) -> None:
-    from overlaybd.fuse import loop
     from overlaybd.fuse.control import FuseFrontend
     from overlaybd.fuse.device import default_opener
+    from overlaybd.host import loop
 
     cfg = work / "ro.json"
     cfg.write_text(json.dumps({"lowers": [{"file": str(commit)}]}))

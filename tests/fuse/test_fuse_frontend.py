@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 from fuse_standin import RawFileImage, make_ext4, umount
-from overlaybd.fuse import loop
 from overlaybd.fuse.server import FuseError, FuseFileServer
+from overlaybd.host import loop
 
 BLOB = bytes((7 * i + 3) & 255 for i in range(20000))
 

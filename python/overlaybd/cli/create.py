@@ -14,7 +14,6 @@ mkfs removes the half-made data and index files.
 from __future__ import annotations
 
 import os
-import subprocess
 import tempfile
 import uuid as uuidlib
 from typing import Any
@@ -93,12 +92,12 @@ def _remove(*paths: str) -> None:
 
 def run_mkfs(target: str, name: str) -> None:
     """mkfs.ext4 with the snapshotter's options on `target`; a failure is one line naming `name`."""
-    from ..convert.convertor import MKFS_EXT4
+    from ..host.mkfs import MkfsError, mkfs
 
-    r = subprocess.run([*MKFS_EXT4, target], capture_output=True, text=True)
-    if r.returncode != 0:
-        words = "; ".join(ln.strip() for ln in r.stderr.splitlines() if ln.strip()) or f"exit code {r.returncode}"
-        raise ToolError(f"{name}: mkfs.ext4 failed: {words}")
+    try:
+        mkfs(target)
+    except MkfsError as e:
+        raise ToolError(f"{name}: mkfs.ext4 failed: {e}") from e
 
 
 def mkfs_layer(layer: Any, name: str) -> None:
@@ -109,8 +108,8 @@ def mkfs_layer(layer: Any, name: str) -> None:
     and an fsync failure is an error (unlike a device's close, nobody would see a log line).
     """
     from ..format import lsmt
-    from ..fuse import loop
     from ..fuse.server import FuseFileServer
+    from ..host import loop
 
     try:
         stack = lsmt.Stack([], upper=layer)

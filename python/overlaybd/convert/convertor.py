@@ -14,13 +14,15 @@ import json
 import logging
 import os
 import shutil
-import subprocess
 import tempfile
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from ..host.command import HostError, run
+from ..host.mkfs import mkfs
+from ..host.mount import mount, umount, umount_all_under
 from .extract import apply_layer
 from .ocilayout import (
     MT_DOCKER_CONFIG,
@@ -36,7 +38,6 @@ log = logging.getLogger(__name__)
 
 LABEL_PREFIX = "containerd.io/snapshot/overlaybd/"
 VERSION = "0.1.0"
-MKFS_EXT4 = ["mkfs.ext4", "-q", "-O", "^has_journal,sparse_super,flex_bg", "-G", "1", "-E", "discard", "-F"]
 
 
 class ConvertError(RuntimeError):
@@ -60,9 +61,10 @@ class ConvertedLayer:
 
 
 def _run(cmd: list[str], what: str) -> None:
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0:
-        raise ConvertError(f"{what}: {' '.join(cmd)}: {r.stderr.strip() or r.returncode}")
+    try:
+        run(cmd, what)
+    except HostError as e:
+        raise ConvertError(str(e)) from e
 
 
 @contextlib.contextmanager
@@ -79,18 +81,6 @@ def writable_device(config: str, work: str) -> Iterator[str]:
         yield path
     finally:
         dev.stop()
-
-
-@contextlib.contextmanager
-def mounted(device: str, mnt: str, fstype: str) -> Iterator[str]:
-    os.makedirs(mnt, exist_ok=True)
-    _run(["mount", "-t", fstype, device, mnt], f"mount {device}")
-    try:
-        yield mnt
-    finally:
-        r = subprocess.run(["umount", mnt], capture_output=True, text=True)
-        if r.returncode != 0:
-            subprocess.run(["umount", "-l", mnt], capture_output=True)
 
 
 def build_layer(index: int, layer_stream: Any, layer_name: str, lowers: list[str], work: str,
@@ -110,12 +100,20 @@ def build_layer(index: int, layer_stream: Any, layer_name: str, lowers: list[str
         json.dump(cfg, f)
     with writable_device(config, work) as dev:
         if index == 0:
-            if opts.fstype != "ext4":
-                raise ConvertError(f"layer {index}: fstype {opts.fstype!r} not supported (ext4 only)")
-            _run([*MKFS_EXT4, dev], f"layer {index}: mkfs")
-        with mounted(dev, os.path.join(d, "mnt"), opts.fstype) as mnt:
+            try:
+                mkfs(dev, opts.fstype)
+            except HostError as e:
+                raise ConvertError(f"layer {index}: {e}") from e
+        mnt = os.path.join(d, "mnt")
+        try:
+            mount(dev, mnt, opts.fstype)
+        except HostError as e:
+            raise ConvertError(f"layer {index}: {e}") from e
+        try:
             n = apply_layer(layer_stream, mnt, layer_name)
             log.info("layer %d (%s): %d entries applied", index, layer_name, n)
+        finally:
+            umount(mnt)
     out = os.path.join(d, "overlaybd.commit")
     rc = commit_main(["-z", "-t", "--algorithm", opts.algorithm, "--bs", str(opts.block_kib), data, idx, out])
     if rc != 0:
@@ -169,16 +167,8 @@ def convert_layout(src: Layout, dst: Layout, dst_name: str, *, src_name: str | N
         dst.tag(dst_name, mdigest, msize, manifest["mediaType"])
         return mdigest
     finally:
-        for mp in _mounts_below(work):
-            subprocess.run(["umount", "-l", mp], capture_output=True)
+        umount_all_under(work, lazy=True)
         shutil.rmtree(work, ignore_errors=True)
-
-
-def _mounts_below(path: str) -> list[str]:
-    real = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as f:
-        found = [ln.split()[4] for ln in f if ln.split()[4].startswith(real + "/")]
-    return sorted(found, key=len, reverse=True)
 
 
 def skopeo_copy(src: str, dst: str, insecure: bool = True) -> None:

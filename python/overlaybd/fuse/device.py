@@ -11,8 +11,8 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from overlaybd.fuse import loop
 from overlaybd.fuse.server import BlockImage, FuseFileServer
+from overlaybd.host import loop
 
 log = logging.getLogger(__name__)
 

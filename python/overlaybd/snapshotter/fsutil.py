@@ -10,7 +10,11 @@ import errno
 import logging
 import os
 import shutil
-import subprocess
+
+from ..host.mount import umount
+from ..host.mountinfo import is_mounted, mounts_under
+
+__all__ = ["disk_usage", "is_mounted", "mounts_under", "remove_tree", "umount"]
 
 log = logging.getLogger(__name__)
 
@@ -44,39 +48,6 @@ def disk_usage(path: str) -> tuple[int, int]:
                 if e.is_dir(follow_symlinks=False):
                     stack.append(e.path)
     return size, inodes
-
-
-def _unescape(field: str) -> str:
-    return field.encode().decode("unicode_escape") if "\\" in field else field
-
-
-def mounts_under(path: str) -> list[str]:
-    """Mount points at or below `path`, deepest first (from /proc/self/mountinfo)."""
-    prefix = os.path.realpath(path)
-    found = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            mp = _unescape(line.split()[4])
-            if mp == prefix or mp.startswith(prefix + "/"):
-                found.append(mp)
-    return sorted(set(found), key=len, reverse=True)
-
-
-def is_mounted(path: str) -> bool:
-    return _in_mountinfo(os.path.realpath(path))
-
-
-def _in_mountinfo(real: str) -> bool:
-    with open("/proc/self/mountinfo") as f:
-        return any(_unescape(line.split()[4]) == real for line in f)
-
-
-def umount(path: str, lazy: bool = False) -> None:
-    args = ["umount", "-l", path] if lazy else ["umount", path]
-    r = subprocess.run(args, capture_output=True, text=True)
-    if r.returncode != 0 and not lazy:
-        log.warning("umount %s failed (%s); detaching lazily", path, r.stderr.strip())
-        subprocess.run(["umount", "-l", path], capture_output=True)
 
 
 def remove_tree(path: str) -> None:

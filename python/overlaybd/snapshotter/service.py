@@ -13,12 +13,13 @@ import errno
 import logging
 import os
 import sqlite3
-import subprocess
 from collections.abc import Iterator
 from typing import Any
 
 from ..config.snapshotter import SnapshotterConfig
 from ..format.atomic import atomic_write_bytes
+from ..host.mkfs import MkfsError, mkfs
+from ..host.mount import MountError, mount
 from . import labels as L
 from .devices import DeviceBackend
 from .errors import (
@@ -147,10 +148,11 @@ class Snapshotter:
         os.makedirs(sd.mountpoint, exist_ok=True)
         fs = self._fs_type(s)
         opts = "ro,noload" if fs == "ext4" else "ro"
-        r = subprocess.run(["mount", "-t", fs, "-o", opts, dev, sd.mountpoint], capture_output=True, text=True)
-        if r.returncode != 0:
+        try:
+            mount(dev, sd.mountpoint, fs, opts)
+        except MountError as e:
             devices.detach(sd)
-            raise Internal(f"snapshot {s.key}: mount {dev} ({fs}) on {sd.mountpoint}: {r.stderr.strip()}")
+            raise Internal(f"snapshot {s.key}: {e}") from e
 
     def _ensure_rw_attached(self, s: Snapshot) -> str:
         """Writable device: attached, and in dir mode mounted at block/mountpoint; returns the device."""
@@ -162,10 +164,10 @@ class Snapshotter:
         if s.labels.get(L.WRITABLE, "") != "dev" and not is_mounted(sd.mountpoint):
             os.makedirs(sd.mountpoint, exist_ok=True)
             fs = self._fs_type(s)
-            r = subprocess.run(["mount", "-t", fs, "-o", "discard", dev, sd.mountpoint], capture_output=True,
-                               text=True)
-            if r.returncode != 0:
-                raise Internal(f"snapshot {s.key}: mount {dev} on {sd.mountpoint}: {r.stderr.strip()}")
+            try:
+                mount(dev, sd.mountpoint, fs, "discard")
+            except MountError as e:
+                raise Internal(f"snapshot {s.key}: {e}") from e
         return dev
 
     def _release(self, sd: SnapshotDir) -> None:
@@ -316,11 +318,11 @@ class Snapshotter:
         dev = self._need_devices().attach(sd, writable=True)
         if parent is None:
             fs = self._fs_type(s)
-            r = subprocess.run(["mkfs", "-t", fs, "-q", "-O", "^has_journal,sparse_super,flex_bg", "-G", "1",
-                                "-E", "discard", "-F", dev], capture_output=True, text=True)
-            if r.returncode != 0:
-                self.devices.detach(sd)
-                raise Internal(f"snapshot {s.key}: mkfs {dev}: {r.stderr.strip()}")
+            try:
+                mkfs(dev, fs)
+            except MkfsError as e:
+                self._need_devices().detach(sd)
+                raise Internal(f"snapshot {s.key}: {e}") from e
 
     def mounts(self, key: str) -> list[Mount]:
         def op() -> list[Mount]:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import subprocess
+from .command import HostError, run
 
 
-class LoopError(RuntimeError):
+class LoopError(HostError):
     """losetup failed; the message names the file or device and losetup's own words."""
 
 
@@ -17,17 +17,18 @@ def attach(path: str, *, read_only: bool = False, direct_io: bool = False) -> st
     if direct_io:
         cmd.append("--direct-io=on")
     cmd.append(path)
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0:
-        raise LoopError(f"{path}: losetup: {r.stderr.strip() or r.returncode}")
-    return r.stdout.strip()
+    try:
+        return run(cmd, f"{path}: losetup").stdout.strip()
+    except HostError as e:
+        raise LoopError(str(e)) from e
 
 
 def detach(device: str) -> None:
     """Detach a loop device (the kernel finishes it once the last opener closes)."""
-    r = subprocess.run(["losetup", "--detach", device], capture_output=True, text=True)
-    if r.returncode != 0:
-        raise LoopError(f"{device}: losetup --detach: {r.stderr.strip() or r.returncode}")
+    try:
+        run(["losetup", "--detach", device], f"{device}: losetup --detach")
+    except HostError as e:
+        raise LoopError(str(e)) from e
 
 
 def backing_file(device: str) -> str | None:
@@ -38,3 +39,18 @@ def backing_file(device: str) -> str | None:
             return f.read().strip()
     except OSError:
         return None
+
+
+def devices_backed_by(path_prefix: str) -> list[str]:
+    """Loop devices whose backing file is at or below `path_prefix` (for leak checks and teardown)."""
+    import glob
+    import os
+
+    prefix = os.path.realpath(path_prefix)
+    found = []
+    for sysdir in glob.glob("/sys/block/loop*"):
+        dev = "/dev/" + os.path.basename(sysdir)
+        backing = backing_file(dev)
+        if backing and (backing == prefix or backing.startswith(prefix.rstrip("/") + "/")):
+            found.append(dev)
+    return sorted(found)
