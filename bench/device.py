@@ -35,10 +35,20 @@ JOBS = [
 
 
 def fio(dev: str, args: list[str], seconds: int, fio_bin: str = "fio") -> dict:
-    cmd = [fio_bin, "--name=b", f"--filename={dev}", "--direct=1", "--ioengine=libaio", "--readonly",
-           f"--runtime={seconds}", "--time_based", "--output-format=json", *args]
+    cmd = [
+        fio_bin,
+        "--name=b",
+        f"--filename={dev}",
+        "--direct=1",
+        "--ioengine=libaio",
+        "--readonly",
+        f"--runtime={seconds}",
+        "--time_based",
+        "--output-format=json",
+        *args,
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    read = json.loads(out[out.index("{"):])["jobs"][0]["read"]
+    read = json.loads(out[out.index("{") :])["jobs"][0]["read"]
     return {"MBps": read["bw_bytes"] / 1e6, "iops": read["iops"]}
 
 

@@ -288,8 +288,10 @@ def main() -> int:
         print(f"| {name} | {ours:.3f} | {ref_name} | {ref:.3f} | {ratio:.2f}x | {upstr} | {target} | {ok} |")
     reads_per_s = args.reads / t_urand
     zreads_per_s = args.reads / t_zrand
-    print(f"\nrandom 4K reads/s: plain stack {reads_per_s:,.0f} (target >= 100,000), "
-          f"zfile stack {zreads_per_s:,.0f}, raw file {args.reads / t_raw:,.0f}")
+    print(
+        f"\nrandom 4K reads/s: plain stack {reads_per_s:,.0f} (target >= 100,000), "
+        f"zfile stack {zreads_per_s:,.0f}, raw file {args.reads / t_raw:,.0f}"
+    )
     print(f"peak RSS: ours {rss_self:.0f} MiB, reference tools {rss_children:.0f} MiB")
     print("file sizes: " + ", ".join(f"{k} {v / MiB:.1f} MiB" for k, v in sizes.items()))
     return 0

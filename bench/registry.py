@@ -44,10 +44,13 @@ CHUNK = 1 << 20
 
 
 def service(cache_dir: str, refill: int = 262144):
-    return service_config_from_dict({"cacheConfig": {"cacheType": "file", "cacheDir": cache_dir, "cacheSizeGB": 4,
-                                                     "refillSize": refill},
-                                     "credentialConfig": {"mode": "file", "path": "/nonexistent"},
-                                     "enableAudit": False})
+    return service_config_from_dict(
+        {
+            "cacheConfig": {"cacheType": "file", "cacheDir": cache_dir, "cacheSizeGB": 4, "refillSize": refill},
+            "credentialConfig": {"mode": "file", "path": "/nonexistent"},
+            "enableAudit": False,
+        }
+    )
 
 
 def lower(digest: str, size: int):
@@ -81,8 +84,11 @@ def main() -> None:
     ap.add_argument("--mib", type=int, default=256)
     ap.add_argument("--reads", type=int, default=2000)
     ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--only", default="cold,random,warm,stack,startup",
-                    help="comma-separated sections: cold, random, warm, stack, startup")
+    ap.add_argument(
+        "--only",
+        default="cold,random,warm,stack,startup",
+        help="comma-separated sections: cold, random, warm, stack, startup",
+    )
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="obd-bench-reg-"))
     reg = Registry(tmp / "registry")
@@ -129,9 +135,11 @@ def run(args, tmp: Path, reg: Registry) -> None:
             curl_times.append(curl_once())
             cold_times.append(cold_once())
         t_curl, t_cold = statistics.median(curl_times), statistics.median(cold_times)
-        print(f"cold sequential {args.mib} MiB (median of {args.runs}): curl {t_curl:.3f}s "
-              f"({size / t_curl / 2**20:.0f} MiB/s), overlaybd {t_cold:.3f}s ({size / t_cold / 2**20:.0f} MiB/s)  "
-              f"ratio {t_cold / t_curl:.2f}x (target <= 1.3); min ratio {min(cold_times) / min(curl_times):.2f}x")
+        print(
+            f"cold sequential {args.mib} MiB (median of {args.runs}): curl {t_curl:.3f}s "
+            f"({size / t_curl / 2**20:.0f} MiB/s), overlaybd {t_cold:.3f}s ({size / t_cold / 2**20:.0f} MiB/s)  "
+            f"ratio {t_cold / t_curl:.2f}x (target <= 1.3); min ratio {min(cold_times) / min(curl_times):.2f}x"
+        )
     if "random" in only:
         cold_random(args, tmp, repo_url, digest, size, url)
     if "warm" in only:
@@ -152,13 +160,16 @@ def cold_random(args, tmp: Path, repo_url: str, digest: str, size: int, url: str
     f.close()
     n_curl = min(300, args.reads)
     cfg = tmp / "curl.cfg"
-    cfg.write_text("".join(f'url = "{url}"\nrange = "{o}-{o + 4095}"\noutput = "/dev/null"\n'
-                           for o in offsets[:n_curl]))
+    cfg.write_text(
+        "".join(f'url = "{url}"\nrange = "{o}-{o + 4095}"\noutput = "/dev/null"\n' for o in offsets[:n_curl])
+    )
     t0 = time.perf_counter()
     subprocess.run(["curl", "-sS", "-K", str(cfg)], check=True)
     t_curl_r = time.perf_counter() - t0
-    print(f"random 4K cold (refill 4K): overlaybd {args.reads / t_rand:.0f} reads/s, "
-          f"curl ranges {n_curl / t_curl_r:.0f} reads/s  ratio {(n_curl / t_curl_r) / (args.reads / t_rand):.2f}x")
+    print(
+        f"random 4K cold (refill 4K): overlaybd {args.reads / t_rand:.0f} reads/s, "
+        f"curl ranges {n_curl / t_curl_r:.0f} reads/s  ratio {(n_curl / t_curl_r) / (args.reads / t_rand):.2f}x"
+    )
 
 
 def warm(args, tmp: Path, repo_url: str, digest: str, size: int, blob: Path) -> None:
@@ -170,12 +181,16 @@ def warm(args, tmp: Path, repo_url: str, digest: str, size: int, blob: Path) -> 
     local = LocalFile(blob)
     t_warm = best(lambda: seq_read(f, size))
     t_local = best(lambda: seq_read(local, size))
-    print(f"warm sequential: overlaybd {size / t_warm / 2**20:.0f} MiB/s, local file {size / t_local / 2**20:.0f} "
-          f"MiB/s  ratio {t_warm / t_local:.2f}x")
+    print(
+        f"warm sequential: overlaybd {size / t_warm / 2**20:.0f} MiB/s, local file {size / t_local / 2**20:.0f} "
+        f"MiB/s  ratio {t_warm / t_local:.2f}x"
+    )
     t_warm_r = best(lambda: rand_reads(f, offsets))
     t_local_r = best(lambda: rand_reads(local, offsets))
-    print(f"warm random 4K: overlaybd {args.reads / t_warm_r:.0f} reads/s, local file {args.reads / t_local_r:.0f} "
-          f"reads/s  ratio {t_warm_r / t_local_r:.2f}x")
+    print(
+        f"warm random 4K: overlaybd {args.reads / t_warm_r:.0f} reads/s, local file {args.reads / t_local_r:.0f} "
+        f"reads/s  ratio {t_warm_r / t_local_r:.2f}x"
+    )
     f.close()
     local.close()
 
@@ -186,8 +201,12 @@ def stack(args, tmp: Path, reg: Registry) -> None:
     vec = [VECTORS / "zfile" / "L0.commit.z_lz4", VECTORS / "zfile" / "L1.commit.z_lz4.tar"]
     vlayers = build_layout(tmp / "oci-vec", "v", vec)
     reg.push(tmp / "oci-vec", "v", "bench/vec")
-    rcfg = device_config_from_dict({"repoBlobUrl": f"http://{reg.host}/v2/bench/vec/blobs",
-                                    "lowers": [{"digest": x["digest"], "size": x["size"]} for x in vlayers]})
+    rcfg = device_config_from_dict(
+        {
+            "repoBlobUrl": f"http://{reg.host}/v2/bench/vec/blobs",
+            "lowers": [{"digest": x["digest"], "size": x["size"]} for x in vlayers],
+        }
+    )
     lcfg = device_config_from_dict({"lowers": [{"file": str(p)} for p in vec]})
     svc = service(str(tmp / "cache-vec"))
     # only where the vectors have data (0..64K, 8M..9M), so every read goes through ZFile and the blob
@@ -200,14 +219,28 @@ def stack(args, tmp: Path, reg: Registry) -> None:
             rs.append(rand_reads(rimg, voffs))
             ls.append(rand_reads(limg, voffs))
         t_r, t_l = statistics.median(rs), statistics.median(ls)
-    print(f"image stack warm random 4K (median of {args.runs}): registry-backed {args.reads / t_r:.0f} reads/s, "
-          f"local files {args.reads / t_l:.0f} reads/s  ratio {t_r / t_l:.2f}x (target <= 1.5); "
-          f"min ratio {min(rs) / min(ls):.2f}x")
+    print(
+        f"image stack warm random 4K (median of {args.runs}): registry-backed {args.reads / t_r:.0f} reads/s, "
+        f"local files {args.reads / t_l:.0f} reads/s  ratio {t_r / t_l:.2f}x (target <= 1.5); "
+        f"min ratio {min(rs) / min(ls):.2f}x"
+    )
 
 
-STARTUP_FILES = ["os.py", "site.py", "codecs.py", "io.py", "abc.py", "stat.py", "_collections_abc.py",
-                 "posixpath.py", "genericpath.py", "_sitebuiltins.py", "encodings/__init__.py",
-                 "encodings/utf_8.py", "encodings/aliases.py"]
+STARTUP_FILES = [
+    "os.py",
+    "site.py",
+    "codecs.py",
+    "io.py",
+    "abc.py",
+    "stat.py",
+    "_collections_abc.py",
+    "posixpath.py",
+    "genericpath.py",
+    "_sitebuiltins.py",
+    "encodings/__init__.py",
+    "encodings/utf_8.py",
+    "encodings/aliases.py",
+]
 
 
 def startup(tmp: Path, reg: Registry) -> None:
@@ -222,8 +255,9 @@ def startup(tmp: Path, reg: Registry) -> None:
     from overlaybd.format import lsmt
 
     disk = tmp / "disk.img"
-    subprocess.run(["mkfs.ext4", "-q", "-F", "-b", "4096", "-O", "^has_journal", "-d", str(src), str(disk), "256M"],
-                   check=True)
+    subprocess.run(
+        ["mkfs.ext4", "-q", "-F", "-b", "4096", "-O", "^has_journal", "-d", str(src), str(disk), "256M"], check=True
+    )
     rw = lsmt.create_rw(tmp / "l.data", tmp / "l.index", disk.stat().st_size)
     with open(disk, "rb") as f:
         off = 0
@@ -235,18 +269,33 @@ def startup(tmp: Path, reg: Registry) -> None:
             off += len(chunk)
     rw.close()
     blob = tmp / "layer.commit"
-    subprocess.run([str(REPO / ".venv" / "bin" / "overlaybd-commit"), "-z", "-t", str(tmp / "l.data"),
-                    str(tmp / "l.index"), str(blob)], check=True)
+    subprocess.run(
+        [
+            str(REPO / ".venv" / "bin" / "overlaybd-commit"),
+            "-z",
+            "-t",
+            str(tmp / "l.data"),
+            str(tmp / "l.index"),
+            str(blob),
+        ],
+        check=True,
+    )
     layers = build_layout(tmp / "oci-ext4", "e", [blob])
     reg.push(tmp / "oci-ext4", "e", "bench/ext4")
     cmds = tmp / "debugfs.cmds"
     cmds.write_text("".join(f"cat /{name}\n" for name in STARTUP_FILES))
-    tr = subprocess.run(["strace", "-e", "trace=pread64", "debugfs", "-f", str(cmds), str(disk)],
-                        capture_output=True, text=True)
-    reads = [(int(m.group(2)), int(m.group(1))) for m in
-             re.finditer(r"pread64\(\d+, .*?, (\d+), (\d+)\) = \d+", tr.stderr)]
-    rcfg = device_config_from_dict({"repoBlobUrl": f"http://{reg.host}/v2/bench/ext4/blobs",
-                                    "lowers": [{"digest": layers[0]["digest"], "size": layers[0]["size"]}]})
+    tr = subprocess.run(
+        ["strace", "-e", "trace=pread64", "debugfs", "-f", str(cmds), str(disk)], capture_output=True, text=True
+    )
+    reads = [
+        (int(m.group(2)), int(m.group(1))) for m in re.finditer(r"pread64\(\d+, .*?, (\d+), (\d+)\) = \d+", tr.stderr)
+    ]
+    rcfg = device_config_from_dict(
+        {
+            "repoBlobUrl": f"http://{reg.host}/v2/bench/ext4/blobs",
+            "lowers": [{"digest": layers[0]["digest"], "size": layers[0]["size"]}],
+        }
+    )
     before = METRICS.bytes_fetched
     pages: set[int] = set()
     with open_image(rcfg, service(str(tmp / "cache-ext4"))) as img:
@@ -256,9 +305,11 @@ def startup(tmp: Path, reg: Registry) -> None:
             pages.update(range(a // 4096, e // 4096))
     read_total = len(pages) * 4096
     fetched = METRICS.bytes_fetched - before
-    print(f"startup (ext4 of /usr/lib/python3.11, {len(STARTUP_FILES)} files via debugfs, {len(reads)} reads): "
-          f"read {read_total} distinct bytes, fetched {fetched} bytes of a {layers[0]['size']} byte blob; "
-          f"fetched/read {fetched / max(1, read_total):.1f}, fetched/blob {fetched / layers[0]['size']:.3f}")
+    print(
+        f"startup (ext4 of /usr/lib/python3.11, {len(STARTUP_FILES)} files via debugfs, {len(reads)} reads): "
+        f"read {read_total} distinct bytes, fetched {fetched} bytes of a {layers[0]['size']} byte blob; "
+        f"fetched/read {fetched / max(1, read_total):.1f}, fetched/blob {fetched / layers[0]['size']:.3f}"
+    )
 
 
 if __name__ == "__main__":

@@ -187,8 +187,11 @@ class LayerWriter:
                 h.update(b)
         size = self.tmp.stat().st_size
         self.tmp.rename(self.blobs / h.hexdigest())
-        return {"desc": {"mediaType": MT_LAYER_GZ, "digest": "sha256:" + h.hexdigest(), "size": size},
-                "diff_id": "sha256:" + self.raw.sha.hexdigest(), "payload": self.payload}
+        return {
+            "desc": {"mediaType": MT_LAYER_GZ, "digest": "sha256:" + h.hexdigest(), "size": size},
+            "diff_id": "sha256:" + self.raw.sha.hexdigest(),
+            "payload": self.payload,
+        }
 
 
 class _BytesReader:
@@ -199,7 +202,7 @@ class _BytesReader:
 
     def read(self, n: int = -1) -> bytes:
         end = len(self.view) if n < 0 else min(len(self.view), self.pos + n)
-        out = bytes(self.view[self.pos:end])
+        out = bytes(self.view[self.pos : end])
         self.pos = end
         return out
 
@@ -266,21 +269,35 @@ def build_image(out: Path, name: str, size_mib: int) -> dict:
         short = 0
         layers.append(lw.finish())
 
-    config = {"architecture": "amd64", "os": "linux",
-              "config": {"Cmd": ["/bin/sh"], "Env": ["PATH=/bin"], "WorkingDir": "/"},
-              "rootfs": {"type": "layers", "diff_ids": [la["diff_id"] for la in layers]}}
+    config = {
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {"Cmd": ["/bin/sh"], "Env": ["PATH=/bin"], "WorkingDir": "/"},
+        "rootfs": {"type": "layers", "diff_ids": [la["diff_id"] for la in layers]},
+    }
     cfg = json.dumps(config).encode()
     cd = hashlib.sha256(cfg).hexdigest()
     (blobs / cd).write_bytes(cfg)
-    manifest = {"schemaVersion": 2, "mediaType": MT_MANIFEST,
-                "config": {"mediaType": MT_CONFIG, "digest": "sha256:" + cd, "size": len(cfg)},
-                "layers": [la["desc"] for la in layers]}
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": MT_MANIFEST,
+        "config": {"mediaType": MT_CONFIG, "digest": "sha256:" + cd, "size": len(cfg)},
+        "layers": [la["desc"] for la in layers],
+    }
     mf = json.dumps(manifest).encode()
     md = hashlib.sha256(mf).hexdigest()
     (blobs / md).write_bytes(mf)
-    index = {"schemaVersion": 2, "manifests": [{
-        "mediaType": MT_MANIFEST, "digest": "sha256:" + md, "size": len(mf),
-        "annotations": {"io.containerd.image.name": name, "org.opencontainers.image.ref.name": name}}]}
+    index = {
+        "schemaVersion": 2,
+        "manifests": [
+            {
+                "mediaType": MT_MANIFEST,
+                "digest": "sha256:" + md,
+                "size": len(mf),
+                "annotations": {"io.containerd.image.name": name, "org.opencontainers.image.ref.name": name},
+            }
+        ],
+    }
     (out / "index.json").write_text(json.dumps(index))
     (out / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
     return {"payload": [la["payload"] for la in layers], "blob": [la["desc"]["size"] for la in layers]}
@@ -398,14 +415,18 @@ def report(mode: str, res: dict[str, list[tuple[float, int]]], obd_total: int) -
     print(f"\n{mode}: {len(t['overlayfs'])} runs")
     print(f"{'path':<32}{'median s':>10}{'p95 s':>9}{'min s':>8}{'max s':>8}{'bytes fetched (median)':>25}")
     for p in PATHS:
-        print(f"{LABEL[p]:<32}{statistics.median(t[p]):>10.2f}{p95(t[p]):>9.2f}{min(t[p]):>8.2f}"
-              f"{max(t[p]):>8.2f}{int(b[p]):>25,}")
+        print(
+            f"{LABEL[p]:<32}{statistics.median(t[p]):>10.2f}{p95(t[p]):>9.2f}{min(t[p]):>8.2f}"
+            f"{max(t[p]):>8.2f}{int(b[p]):>25,}"
+        )
     speed = statistics.median(t["overlayfs"]) / statistics.median(t["overlaybd"])
     speed95 = p95(t["overlayfs"]) / p95(t["overlaybd"])
     frac_plain = b["overlaybd"] / max(b["overlayfs"], 1)
     frac_obd = b["overlaybd"] / max(obd_total, 1)
-    print(f"ratio {mode}: overlaybd ready {speed:.2f}x faster than full pull (median; p95 {speed95:.2f}x); "
-          f"fetched {frac_plain:.1%} of what the full pull fetched, {frac_obd:.1%} of the overlaybd image's layers")
+    print(
+        f"ratio {mode}: overlaybd ready {speed:.2f}x faster than full pull (median; p95 {speed95:.2f}x); "
+        f"fetched {frac_plain:.1%} of what the full pull fetched, {frac_obd:.1%} of the overlaybd image's layers"
+    )
     return {"speed": speed, "frac_plain": frac_plain}
 
 
@@ -443,8 +464,19 @@ def main() -> int:
         (work / "convert").mkdir()
         vsize = max(4, (args.size_mib * 3) // 1024 + 1)
         with contextlib.redirect_stdout(sys.stderr):  # it prints the new manifest digest
-            ok = convert_main([f"oci:{work / 'oci'}", f"oci:{work / 'obd'}:obd", "--vsize", str(vsize),
-                               "--work-dir", str(work / "convert")]) == 0
+            ok = (
+                convert_main(
+                    [
+                        f"oci:{work / 'oci'}",
+                        f"oci:{work / 'obd'}:obd",
+                        "--vsize",
+                        str(vsize),
+                        "--work-dir",
+                        str(work / "convert"),
+                    ]
+                )
+                == 0
+            )
         if not ok:
             raise RuntimeError("overlaybd-convert failed")
         conv = time.monotonic() - t0
@@ -455,21 +487,28 @@ def main() -> int:
         reg.push_layout(work / "obd", "obd", "bench/obd:1")
         refs = {"overlayfs": f"{host}/bench/plain:1", "overlaybd": f"{host}/bench/obd:1"}
 
-        print(f"image: {len(img['payload'])} layers, payload {sum(img['payload']) / MiB:.1f} MiB "
-              f"(per layer MiB: {', '.join(f'{x / MiB:.1f}' for x in img['payload'])}); "
-              f"gzip blobs {sum(img['blob']) / MiB:.1f} MiB "
-              f"({', '.join(f'{x / MiB:.1f}' for x in img['blob'])}); overlaybd lz4 blobs {obd_total / MiB:.1f} MiB")
-        print(f"build {build:.1f} s, overlaybd-convert {conv:.1f} s; ready = {' '.join(READY_CMD[:2])} "
-              f"'{READY_CMD[2]}' printed 'ready'", flush=True)
+        print(
+            f"image: {len(img['payload'])} layers, payload {sum(img['payload']) / MiB:.1f} MiB "
+            f"(per layer MiB: {', '.join(f'{x / MiB:.1f}' for x in img['payload'])}); "
+            f"gzip blobs {sum(img['blob']) / MiB:.1f} MiB "
+            f"({', '.join(f'{x / MiB:.1f}' for x in img['blob'])}); overlaybd lz4 blobs {obd_total / MiB:.1f} MiB"
+        )
+        print(
+            f"build {build:.1f} s, overlaybd-convert {conv:.1f} s; ready = {' '.join(READY_CMD[:2])} "
+            f"'{READY_CMD[2]}' printed 'ready'",
+            flush=True,
+        )
 
         cold = run_cold(proxy, host, refs, args.runs)
         warm = None if args.skip_warm else run_warm(proxy, host, refs, args.runs)
         rc = report("cold", cold, obd_total)
         if warm is not None:
             report("warm", warm, obd_total)
-        print(f"\ntarget (cold, {args.size_mib} MiB): >= 4x faster: {rc['speed']:.2f}x "
-              f"{'met' if rc['speed'] >= 4 else 'NOT met'}; < 10% of bytes: {rc['frac_plain']:.1%} "
-              f"{'met' if rc['frac_plain'] < 0.10 else 'NOT met'}")
+        print(
+            f"\ntarget (cold, {args.size_mib} MiB): >= 4x faster: {rc['speed']:.2f}x "
+            f"{'met' if rc['speed'] >= 4 else 'NOT met'}; < 10% of bytes: {rc['frac_plain']:.1%} "
+            f"{'met' if rc['frac_plain'] < 0.10 else 'NOT met'}"
+        )
         print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())} (2 shared CPUs)")
     finally:
         if proxy is not None:

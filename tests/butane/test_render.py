@@ -202,16 +202,22 @@ def translate_ready(doc: dict) -> dict:
         (lambda d: d["storage"]["files"][0].update(path="/etc/../a"), "storage.files[0].path"),
         (lambda d: d["storage"]["files"][0].update(mode=0o17777), "storage.files[0].mode"),
         (lambda d: d["storage"]["files"][0].update(mode="0644"), "storage.files[0].mode"),
-        (lambda d: d["storage"]["files"][0].update(contents={"inline": "a", "source": "data:,a"}),
-         "storage.files[0].contents"),
-        (lambda d: d["storage"]["files"][0].pop("contents") and d["storage"]["files"][0].update(overwrite=True),
-         "storage.files[0].overwrite"),
+        (
+            lambda d: d["storage"]["files"][0].update(contents={"inline": "a", "source": "data:,a"}),
+            "storage.files[0].contents",
+        ),
+        (
+            lambda d: d["storage"]["files"][0].pop("contents") and d["storage"]["files"][0].update(overwrite=True),
+            "storage.files[0].overwrite",
+        ),
         (lambda d: d["storage"]["files"].append({"path": "/etc/a"}), "storage.files[1].path"),
         (lambda d: d["storage"]["files"][0].update(user={"id": 0, "name": "root"}), "storage.files[0].user"),
         (lambda d: d["systemd"]["units"][0].update(name="a.serv"), "systemd.units[0].name"),
         (lambda d: d["systemd"]["units"][0]["dropins"][0].update(name="x.cfg"), "systemd.units[0].dropins[0].name"),
-        (lambda d: d["systemd"]["units"][0]["dropins"][0].update(contents="no section"),
-         "systemd.units[0].dropins[0].contents line 1"),
+        (
+            lambda d: d["systemd"]["units"][0]["dropins"][0].update(contents="no section"),
+            "systemd.units[0].dropins[0].contents line 1",
+        ),
         (lambda d: d["systemd"]["units"].append({"name": "a.service"}), "systemd.units[1].name"),
     ],
 )

@@ -30,8 +30,9 @@ def config(tmp_path: Path, doc: dict, name: str = "config.v1.json") -> Path:
 def test_merge_uncompressed_matches_upstream(tool, vectors: Path, tmp_path: Path, svc: Path) -> None:
     text = (vectors / "config" / "merge.config.v1.json").read_text()
     cfg = tmp_path / "merge.config.v1.json"
-    cfg.write_text(text.replace("WORKDIR/merge.result", str(tmp_path / "merge.result")).replace(
-        "WORKDIR", str(vectors / "commit")))
+    cfg.write_text(
+        text.replace("WORKDIR/merge.result", str(tmp_path / "merge.result")).replace("WORKDIR", str(vectors / "commit"))
+    )
     out = tmp_path / "L01.obdmerge"
     tool("overlaybd-merge", "--service_config_path", svc, "--compress=false", cfg, out)
     assert out.read_bytes() == (vectors / "merge" / "L01.obdmerge").read_bytes()
@@ -47,8 +48,15 @@ def test_merge_uncompressed_matches_upstream(tool, vectors: Path, tmp_path: Path
 
 
 def test_merge_of_zfile_and_tar_lowers(tool, vectors: Path, tmp_path: Path, svc: Path) -> None:
-    cfg = config(tmp_path, {"lowers": [{"file": str(vectors / "zfile" / "L0.commit.z_lz4")},
-                                       {"file": str(vectors / "zfile" / "L1.commit.z_lz4.tar")}]})
+    cfg = config(
+        tmp_path,
+        {
+            "lowers": [
+                {"file": str(vectors / "zfile" / "L0.commit.z_lz4")},
+                {"file": str(vectors / "zfile" / "L1.commit.z_lz4.tar")},
+            ]
+        },
+    )
     out = tmp_path / "m.tar"
     tool("overlaybd-merge", "--service_config_path", svc, "-t", cfg, out)
     assert json.loads(tool("overlaybd-info", out).stdout)["tar"]["payload_offset"] == 1536
@@ -88,14 +96,21 @@ def test_dump_rw_upper_config(tool, vectors: Path, tmp_path: Path) -> None:
         copies[ext] = tmp_path / f"L1.{ext}"
         subprocess.run(["cp", "--sparse=always", str(vectors / "rw" / f"L1.{ext}"), str(copies[ext])], check=True)
         copies[ext].chmod(0o644)
-    cfg = config(tmp_path, {"lowers": [{"file": str(vectors / "commit" / "L0.commit")}],
-                            "upper": {"data": str(copies["data"]), "index": str(copies["index"])}})
+    cfg = config(
+        tmp_path,
+        {
+            "lowers": [{"file": str(vectors / "commit" / "L0.commit")}],
+            "upper": {"data": str(copies["data"]), "index": str(copies["index"])},
+        },
+    )
     assert tool("overlaybd-dump", "--sha256", cfg).stdout.decode().strip() == L01_SHA
 
 
 def test_dump_writes_sparse_file(tool, vectors: Path, tmp_path: Path) -> None:
-    cfg = config(tmp_path, {"lowers": [{"file": str(vectors / "commit" / "L0.commit")},
-                                       {"file": str(vectors / "commit" / "L1.commit")}]})
+    cfg = config(
+        tmp_path,
+        {"lowers": [{"file": str(vectors / "commit" / "L0.commit")}, {"file": str(vectors / "commit" / "L1.commit")}]},
+    )
     out = tmp_path / "disk.img"
     tool("overlaybd-dump", cfg, out)
     st = os.stat(out)

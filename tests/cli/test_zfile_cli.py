@@ -93,7 +93,13 @@ def test_bad_options(tool, vectors: Path, tmp_path: Path) -> None:
 
 
 def test_version(tool) -> None:
-    for name in ("overlaybd-zfile", "overlaybd-commit", "overlaybd-create", "overlaybd-merge", "overlaybd-dump",
-                 "overlaybd-info"):
+    for name in (
+        "overlaybd-zfile",
+        "overlaybd-commit",
+        "overlaybd-create",
+        "overlaybd-merge",
+        "overlaybd-dump",
+        "overlaybd-info",
+    ):
         r = tool(name, "--version")
         assert r.stdout.decode().startswith(f"{name} ")

@@ -19,8 +19,9 @@ PFX = "containerd.io/snapshot/overlaybd/"
 
 def _layers(tmp_path):
     base = busybox_layer()
-    second = files_layer({"etc/added": b"added\n", "bin/script": b"#!/bin/sh\necho hi\n"},
-                         whiteouts=("etc/os-release",))
+    second = files_layer(
+        {"etc/added": b"added\n", "bin/script": b"#!/bin/sh\necho hi\n"}, whiteouts=("etc/os-release",)
+    )
     return [base, second]
 
 
@@ -52,8 +53,10 @@ def test_content_through_fuse(converted, tmp_path):
     from overlaybd.fuse.device import FuseDevice, default_opener
 
     img = converted.source("obd")
-    cfg = {"lowers": [{"file": str(converted.blob_path(ly["digest"]))} for ly in img.manifest["layers"]],
-           "resultFile": str(tmp_path / "res")}
+    cfg = {
+        "lowers": [{"file": str(converted.blob_path(ly["digest"]))} for ly in img.manifest["layers"]],
+        "resultFile": str(tmp_path / "res"),
+    }
     (tmp_path / "c.json").write_text(json.dumps(cfg))
     dev = FuseDevice(str(tmp_path / "c.json"), "convtest", str(tmp_path / "run"), default_opener(), read_only=True)
     loopdev = dev.start()
@@ -86,12 +89,15 @@ def _tar(entries):
     return buf
 
 
-@pytest.mark.parametrize("entries", [
-    [("../evil", tarfile.REGTYPE, "")],
-    [("/abs", tarfile.REGTYPE, "")],
-    [("ln", tarfile.SYMTYPE, "/"), ("ln/escaped", tarfile.REGTYPE, "")],
-    [("h", tarfile.LNKTYPE, "../../etc/passwd")],
-])
+@pytest.mark.parametrize(
+    "entries",
+    [
+        [("../evil", tarfile.REGTYPE, "")],
+        [("/abs", tarfile.REGTYPE, "")],
+        [("ln", tarfile.SYMTYPE, "/"), ("ln/escaped", tarfile.REGTYPE, "")],
+        [("h", tarfile.LNKTYPE, "../../etc/passwd")],
+    ],
+)
 def test_extract_rejects_escapes(tmp_path, entries):
     root = tmp_path / "root"
     root.mkdir()

@@ -68,8 +68,12 @@ def test_merge_topmost_wins(layers_ops) -> None:
     st.lists(
         st.tuples(
             # header struct, index records (8 real ones + padding), trailer struct, anywhere
-            st.one_of(st.integers(0, 389), st.integers(1_114_624, 1_114_880), st.integers(1_118_720, 1_119_109),
-                      st.integers(0, 1_122_815)),
+            st.one_of(
+                st.integers(0, 389),
+                st.integers(1_114_624, 1_114_880),
+                st.integers(1_118_720, 1_119_109),
+                st.integers(0, 1_122_815),
+            ),
             st.integers(0, 255),
         ),
         min_size=1,

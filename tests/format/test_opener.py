@@ -109,9 +109,10 @@ def test_open_layer_l0_image_hash(vectors: Path, name: str) -> None:
 
 @needs_lsmt
 def test_open_layer_tar_equals_plain(vectors: Path) -> None:
-    with open_layer(LocalFile(vectors / "commit/L1.commit")) as plain, open_layer(
-        LocalFile(vectors / "zfile/L1.commit.z_lz4.tar")
-    ) as wrapped:
+    with (
+        open_layer(LocalFile(vectors / "commit/L1.commit")) as plain,
+        open_layer(LocalFile(vectors / "zfile/L1.commit.z_lz4.tar")) as wrapped,
+    ):
         assert plain.vsize == wrapped.vsize
         assert _image_sha(plain) == _image_sha(wrapped)
 

@@ -282,9 +282,7 @@ def test_builder_rejects_bad_options(tmp_path: Path) -> None:
 
 
 # ---- random access ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize(
-    "name", ["zfile/L0.commit.lz4.zf", "zfile/L0.commit.z_zstd64", "zfile/L0.commit.lz4.nocrc.zf"]
-)
+@pytest.mark.parametrize("name", ["zfile/L0.commit.lz4.zf", "zfile/L0.commit.z_zstd64", "zfile/L0.commit.lz4.nocrc.zf"])
 def test_random_access_unaligned(vectors: Path, name: str) -> None:
     ref = (vectors / "commit/L0.commit").read_bytes()
     rng = random.Random(name)

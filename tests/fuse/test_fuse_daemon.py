@@ -29,9 +29,19 @@ def fuse_daemon(tmp_path, host_blockdev, caplog):
     sock = str(tmp_path / "fuse.sock")
     ready, stop = threading.Event(), threading.Event()
     rc: list[int] = []
-    t = threading.Thread(target=lambda: rc.append(daemon.run(
-        default_service_config(), frontend="auto", fuse_socket=sock, fuse_run_dir=str(tmp_path / "run"),
-        ready=ready, stop=stop)), daemon=True)
+    t = threading.Thread(
+        target=lambda: rc.append(
+            daemon.run(
+                default_service_config(),
+                frontend="auto",
+                fuse_socket=sock,
+                fuse_run_dir=str(tmp_path / "run"),
+                ready=ready,
+                stop=stop,
+            )
+        ),
+        daemon=True,
+    )
     t.start()
     assert ready.wait(30)
 
@@ -135,7 +145,7 @@ def test_malformed_control_lines(fuse_daemon):
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(10)
         s.connect(fuse_daemon)
-        s.sendall(b"{not json\n[1, 2]\n{\"op\": \"attach\"}\n")
+        s.sendall(b'{not json\n[1, 2]\n{"op": "attach"}\n')
         lines = b""
         while lines.count(b"\n") < 3:
             lines += s.recv(4096)

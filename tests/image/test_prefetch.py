@@ -286,7 +286,7 @@ def _good_bytes(vectors: Path) -> bytes:
 
 
 def _bad_size(data: bytes) -> bytes:
-    return data[:-RECORD.size]
+    return data[: -RECORD.size]
 
 
 def _bad_checksum(data: bytes) -> bytes:
@@ -491,12 +491,16 @@ def debugfs_ranges(raw: Path, paths: list[str]) -> list[tuple[int, int]]:
     import re
     import subprocess
 
-    bs = int(subprocess.run(["dumpe2fs", "-h", str(raw)], capture_output=True, text=True, check=True)
-             .stdout.split("Block size:")[1].split()[0])
+    bs = int(
+        subprocess.run(["dumpe2fs", "-h", str(raw)], capture_output=True, text=True, check=True)
+        .stdout.split("Block size:")[1]
+        .split()[0]
+    )
     out = []
     for p in paths:
-        r = subprocess.run(["debugfs", "-R", f"dump_extents -l {p}", str(raw)], capture_output=True, text=True,
-                           check=True)
+        r = subprocess.run(
+            ["debugfs", "-R", f"dump_extents -l {p}", str(raw)], capture_output=True, text=True, check=True
+        )
         for m in re.finditer(r"\d+ -\s+\d+\s+(\d+) -\s+(\d+)\s+\d+", r.stdout):
             out.append((int(m[1]) * bs, (int(m[2]) + 1) * bs))
     assert out

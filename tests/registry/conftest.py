@@ -50,11 +50,32 @@ class TokenIssuer:
         self.users = users
         self.key = workdir / "token.key"
         self.cert = workdir / "token.crt"
-        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(self.key),
-                        "-out", str(self.cert), "-subj", "/CN=obd-test-token", "-days", "2"],
-                       check=True, capture_output=True)
-        pub = subprocess.run(f"openssl x509 -in {self.cert} -pubkey -noout | openssl pkey -pubin -outform DER",
-                             shell=True, check=True, capture_output=True).stdout
+        subprocess.run(
+            [
+                "openssl",
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                str(self.key),
+                "-out",
+                str(self.cert),
+                "-subj",
+                "/CN=obd-test-token",
+                "-days",
+                "2",
+            ],
+            check=True,
+            capture_output=True,
+        )
+        pub = subprocess.run(
+            f"openssl x509 -in {self.cert} -pubkey -noout | openssl pkey -pubin -outform DER",
+            shell=True,
+            check=True,
+            capture_output=True,
+        ).stdout
         # libtrust key id: base32(sha256(DER SubjectPublicKeyInfo)[:30]) in groups of 4 joined by ':'
         b32 = base64.b32encode(hashlib.sha256(pub).digest()[:30]).decode().rstrip("=")
         self.kid = ":".join(b32[i : i + 4] for i in range(0, len(b32), 4))
@@ -88,8 +109,9 @@ class TokenIssuer:
                 for scope in q.get("scope", []):
                     parts = scope.split(":")
                     if len(parts) >= 3:
-                        access.append({"type": parts[0], "name": ":".join(parts[1:-1]),
-                                       "actions": parts[-1].split(",")})
+                        access.append(
+                            {"type": parts[0], "name": ":".join(parts[1:-1]), "actions": parts[-1].split(",")}
+                        )
                 expired = issuer.expire_next > 0
                 if expired:
                     issuer.expire_next -= 1
@@ -114,11 +136,23 @@ class TokenIssuer:
         now = int(time.time())
         exp = now - 120 if expired else now + 600
         header = {"typ": "JWT", "alg": "RS256", "kid": self.kid}
-        claims = {"iss": self.issuer, "sub": user, "aud": self.service, "exp": exp, "nbf": now - 300,
-                  "iat": now - 300, "jti": os.urandom(8).hex(), "access": access}
+        claims = {
+            "iss": self.issuer,
+            "sub": user,
+            "aud": self.service,
+            "exp": exp,
+            "nbf": now - 300,
+            "iat": now - 300,
+            "jti": os.urandom(8).hex(),
+            "access": access,
+        }
         signing_input = f"{b64url(json.dumps(header).encode())}.{b64url(json.dumps(claims).encode())}"
-        sig = subprocess.run(["openssl", "dgst", "-sha256", "-sign", str(self.key)], input=signing_input.encode(),
-                             check=True, capture_output=True).stdout
+        sig = subprocess.run(
+            ["openssl", "dgst", "-sha256", "-sign", str(self.key)],
+            input=signing_input.encode(),
+            check=True,
+            capture_output=True,
+        ).stdout
         return f"{signing_input}.{b64url(sig)}"
 
     def close(self) -> None:
@@ -159,17 +193,30 @@ class Registry:
         ]
         if self.tls:
             self.certs = make_test_pki(self.workdir / "pki")
-            cfg += ["  tls:", f"    certificate: {self.certs / 'server.crt'}", f"    key: {self.certs / 'server.key'}",
-                    "    clientcas:", f"      - {self.certs / 'ca.crt'}"]
+            cfg += [
+                "  tls:",
+                f"    certificate: {self.certs / 'server.crt'}",
+                f"    key: {self.certs / 'server.key'}",
+                "    clientcas:",
+                f"      - {self.certs / 'ca.crt'}",
+            ]
         if self.auth == "htpasswd":
-            lines = [subprocess.run(["htpasswd", "-Bbn", u, p], check=True, capture_output=True, text=True)
-                     .stdout.strip() for u, p in self.users.items()]
+            lines = [
+                subprocess.run(["htpasswd", "-Bbn", u, p], check=True, capture_output=True, text=True).stdout.strip()
+                for u, p in self.users.items()
+            ]
             (self.workdir / "htpasswd").write_text("\n".join(lines) + "\n")
             cfg += ["auth:", "  htpasswd:", "    realm: obd-test", f"    path: {self.workdir / 'htpasswd'}"]
         elif self.auth == "token":
             self.token = TokenIssuer(self.workdir, self.users)
-            cfg += ["auth:", "  token:", f"    realm: {self.token.realm}", f"    service: {self.token.service}",
-                    f"    issuer: {self.token.issuer}", f"    rootcertbundle: {self.token.cert}"]
+            cfg += [
+                "auth:",
+                "  token:",
+                f"    realm: {self.token.realm}",
+                f"    service: {self.token.service}",
+                f"    issuer: {self.token.issuer}",
+                f"    rootcertbundle: {self.token.cert}",
+            ]
         self.config = self.workdir / "registry.yml"
         self.config.write_text("\n".join(cfg) + "\n")
         self.start()
@@ -180,8 +227,9 @@ class Registry:
 
     def start(self) -> None:
         self.log = open(self.workdir / "registry.log", "ab")
-        self.proc = subprocess.Popen([REGISTRY_BIN, "serve", str(self.config)], stdout=self.log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [REGISTRY_BIN, "serve", str(self.config)], stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             try:
@@ -222,8 +270,15 @@ class Registry:
     def push(self, layout: Path, tag: str, repo: str, creds: str = "", fmt: str = "") -> None:
         """skopeo copy; digests preserved (else skopeo gzips layers) unless a manifest format is forced."""
         opts = ["--format", fmt] if fmt else ["--preserve-digests", "--all"]
-        cmd = [SKOPEO, "copy", "--quiet", "--dest-tls-verify=false", *opts, f"oci:{layout}:{tag}",
-               f"docker://{self.host}/{repo}:{tag}"]
+        cmd = [
+            SKOPEO,
+            "copy",
+            "--quiet",
+            "--dest-tls-verify=false",
+            *opts,
+            f"oci:{layout}:{tag}",
+            f"docker://{self.host}/{repo}:{tag}",
+        ]
         if creds:
             cmd[2:2] = ["--dest-creds", creds]
         if self.tls:
@@ -238,14 +293,51 @@ def make_test_pki(d: Path) -> Path:
     def ossl(*args: str) -> None:
         subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=d)
 
-    ossl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-subj",
-         "/CN=obd-test-ca", "-days", "2")
+    ossl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-subj",
+        "/CN=obd-test-ca",
+        "-days",
+        "2",
+    )
     (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
     for name, ext in (("server", ["-extfile", "san.ext"]), ("client", [])):
-        ossl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj",
-             f"/CN=obd-test-{name}")
-        ossl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-             "-out", f"{name}.crt", "-days", "2", *ext)
+        ossl(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            f"{name}.key",
+            "-out",
+            f"{name}.csr",
+            "-subj",
+            f"/CN=obd-test-{name}",
+        )
+        ossl(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            f"{name}.crt",
+            "-days",
+            "2",
+            *ext,
+        )
     sk = d / "skopeo"  # skopeo --dest-cert-dir layout: *.crt = CAs, *.cert + *.key = client pair
     sk.mkdir()
     shutil.copy(d / "ca.crt", sk / "ca.crt")
@@ -320,8 +412,9 @@ def build_multiarch_layout(layout: Path, tag: str, per_arch: dict[str, list[Path
     descs = {arch: _image(layout, tag, files, arch)[0] for arch, files in per_arch.items()}
     for d in descs.values():
         d.pop("annotations")
-    index = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
-                        "manifests": list(descs.values())}).encode()
+    index = json.dumps(
+        {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": list(descs.values())}
+    ).encode()
     idesc = _put_blob(layout, index)
     idesc["mediaType"] = "application/vnd.oci.image.index.v1+json"
     idesc["annotations"] = {"org.opencontainers.image.ref.name": tag}
@@ -342,12 +435,19 @@ def _image(layout: Path, tag: str, layer_files: list[Path], arch: str) -> tuple[
             "containerd.io/snapshot/overlaybd/blob-size": str(desc["size"]),
         }
         layers.append(desc)
-    config = json.dumps({"architecture": arch, "os": "linux",
-                         "rootfs": {"type": "layers", "diff_ids": [x["digest"] for x in layers]}}).encode()
+    config = json.dumps(
+        {"architecture": arch, "os": "linux", "rootfs": {"type": "layers", "diff_ids": [x["digest"] for x in layers]}}
+    ).encode()
     cdesc = _put_blob(layout, config)
     cdesc["mediaType"] = "application/vnd.oci.image.config.v1+json"
-    manifest = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                           "config": cdesc, "layers": layers}).encode()
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": cdesc,
+            "layers": layers,
+        }
+    ).encode()
     mdesc = _put_blob(layout, manifest)
     mdesc["mediaType"] = "application/vnd.oci.image.manifest.v1+json"
     mdesc["annotations"] = {"org.opencontainers.image.ref.name": tag}

@@ -11,8 +11,15 @@ from overlaybd.config.device import device_config_from_dict
 from overlaybd.config.service import service_config_from_dict
 
 
-def make_service(tmp: Path, *, cred: dict | None = None, refill: int = 262144, audit: bool = False,
-                 download: dict | None = None, extra: dict | None = None) -> Any:
+def make_service(
+    tmp: Path,
+    *,
+    cred: dict | None = None,
+    refill: int = 262144,
+    audit: bool = False,
+    download: dict | None = None,
+    extra: dict | None = None,
+) -> Any:
     doc: dict[str, Any] = {
         "cacheConfig": {"cacheType": "file", "cacheDir": str(tmp / "cache"), "cacheSizeGB": 1, "refillSize": refill},
         "credentialConfig": {"mode": "file", "path": str(tmp / "cred.json")},

@@ -32,9 +32,13 @@ def test_basic_auth_prefix_key_and_b64(tmp_path, basic_registry, vector_layers):
     url = f"http://{basic_registry.host}/v2/team/app/blobs"
     auth = base64.b64encode(b"alice:s3cret").decode()
     # first matching key in document order wins: the host/path prefix entry
-    cred = {"auths": {"other.example:5000": {"username": "x", "password": "y"},
-                      f"{basic_registry.host}/team": {"auth": auth},
-                      basic_registry.host: {"username": "alice", "password": "wrong"}}}
+    cred = {
+        "auths": {
+            "other.example:5000": {"username": "x", "password": "y"},
+            f"{basic_registry.host}/team": {"auth": auth},
+            basic_registry.host: {"username": "alice", "password": "wrong"},
+        }
+    }
     with open_image(device(url, layers), make_service(tmp_path, cred=cred)) as img:
         assert sha256_of(img) == L01_SHA256
 
@@ -50,8 +54,9 @@ def test_basic_auth_missing_then_rotated_credentials(tmp_path, basic_registry, v
     assert e.errno == errno.EPERM and e.status == 401
     assert basic_registry.host in str(e) and "team/app" in str(e) and lower.digest in str(e)
     # rotate the password in cred.json: the same service/client picks it up without a restart
-    (tmp_path / "cred.json").write_text(json.dumps({"auths": {basic_registry.host: {"username": "alice",
-                                                                                      "password": "s3cret"}}}))
+    (tmp_path / "cred.json").write_text(
+        json.dumps({"auths": {basic_registry.host: {"username": "alice", "password": "s3cret"}}})
+    )
     f = open_remote_blob(url, lower, svc)
     try:
         assert f.pread(16, 0) == vector_layers[0].read_bytes()[:16]
@@ -63,8 +68,9 @@ def test_token_auth_cached_and_expired_token_refreshed(tmp_path, token_registry,
     layers = _push(tmp_path, token_registry, vector_layers, "bob:hunter2")
     tok = token_registry.token
     url = f"http://{token_registry.host}/v2/team/app/blobs"
-    svc = make_service(tmp_path, refill=4096, cred={"auths": {token_registry.host: {"username": "bob",
-                                                                                       "password": "hunter2"}}})
+    svc = make_service(
+        tmp_path, refill=4096, cred={"auths": {token_registry.host: {"username": "bob", "password": "hunter2"}}}
+    )
     tok.requests = 0
     tok.expire_next = 1  # the first token handed out is already expired: the registry says 401, we refresh
     with open_image(device(url, layers), svc) as img:
@@ -101,8 +107,13 @@ def test_credentials_from_http_service(tmp_path, basic_registry, vector_layers):
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802
             asked.extend(parse_qs(urlsplit(self.path).query).get("remote_url", []))
-            body = json.dumps({"traceId": "t", "success": True, "data": {"auths": {
-                basic_registry.host: {"username": "alice", "password": "s3cret"}}}}).encode()
+            body = json.dumps(
+                {
+                    "traceId": "t",
+                    "success": True,
+                    "data": {"auths": {basic_registry.host: {"username": "alice", "password": "s3cret"}}},
+                }
+            ).encode()
             self.send_response(200)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -115,8 +126,10 @@ def test_credentials_from_http_service(tmp_path, basic_registry, vector_layers):
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     try:
         url = f"http://{basic_registry.host}/v2/team/app/blobs"
-        svc = make_service(tmp_path, extra={"credentialConfig": {
-            "mode": "http", "path": f"http://127.0.0.1:{srv.server_address[1]}/auth"}})
+        svc = make_service(
+            tmp_path,
+            extra={"credentialConfig": {"mode": "http", "path": f"http://127.0.0.1:{srv.server_address[1]}/auth"}},
+        )
         with open_image(device(url, layers), svc) as img:
             assert sha256_of(img) == L01_SHA256
     finally:

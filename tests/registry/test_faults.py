@@ -89,8 +89,11 @@ def test_background_download_switches_to_local(tmp_path, registry, l01):
     dirs = [str(tmp_path / "layer0"), str(tmp_path / "layer1")]
     for d in dirs:
         os.makedirs(d)
-    svc = make_service(tmp_path, download={"enable": True, "delay": 0, "delayExtra": 1, "maxMBps": 1,
-                                           "tryCnt": 2, "blockSize": 8192}, audit=True)
+    svc = make_service(
+        tmp_path,
+        download={"enable": True, "delay": 0, "delayExtra": 1, "maxMBps": 1, "tryCnt": 2, "blockSize": 8192},
+        audit=True,
+    )
     url = f"http://{registry.host}/v2/vec/l01/blobs"
     files = [open_remote_blob(url, lo, svc) for lo in device(url, l01, dirs).lowers]
     try:
@@ -115,8 +118,9 @@ def test_background_download_digest_mismatch_discarded(tmp_path, registry, l01, 
     blob.write_bytes(bytes(raw))
     d = tmp_path / "layer1"
     d.mkdir()
-    svc = make_service(tmp_path, refill=4096, download={"enable": True, "delay": 0, "delayExtra": 1,
-                                                        "tryCnt": 1, "blockSize": 4096})
+    svc = make_service(
+        tmp_path, refill=4096, download={"enable": True, "delay": 0, "delayExtra": 1, "tryCnt": 1, "blockSize": 4096}
+    )
     cfg = device(f"http://{registry.host}/v2/vec/l01/blobs", l01, ["", str(d)])
     caplog.set_level(logging.ERROR, logger="overlaybd.registry.download")
     with open_image(cfg, svc) as img:
@@ -138,9 +142,11 @@ def tiny_tmpfs(tmp_path):
 
 
 def test_cache_dir_full_still_serves(tmp_path, registry, l01, tiny_tmpfs):
-    svc = make_service(tmp_path, refill=4096, extra={"cacheConfig": {"cacheType": "file",
-                                                                     "cacheDir": str(tiny_tmpfs / "cache"),
-                                                                     "refillSize": 4096}})
+    svc = make_service(
+        tmp_path,
+        refill=4096,
+        extra={"cacheConfig": {"cacheType": "file", "cacheDir": str(tiny_tmpfs / "cache"), "refillSize": 4096}},
+    )
     full_before = METRICS.errors.get("cache_full", 0)
     with open_image(device(f"http://{registry.host}/v2/vec/l01/blobs", l01), svc) as img:
         assert sha256_of(img) == L01_SHA256
@@ -186,8 +192,9 @@ def test_background_download_rate_limit_paces_requests(tmp_path, registry, monke
     monkeypatch.setattr(dl, "_sleep", sleeps.append)
     d = tmp_path / "layer"
     d.mkdir()
-    svc = make_service(tmp_path, download={"enable": True, "delay": 0, "delayExtra": 1, "maxMBps": 1,
-                                           "blockSize": 262144})
+    svc = make_service(
+        tmp_path, download={"enable": True, "delay": 0, "delayExtra": 1, "maxMBps": 1, "blockSize": 262144}
+    )
     url = f"http://{registry.host}/v2/vec/rate/blobs"
     f = open_remote_blob(url, device(url, layers, [str(d)]).lowers[0], svc)
     try:

@@ -49,7 +49,7 @@ def test_random_blob_fetches_only_touched_blocks(tmp_path, registry, fault_proxy
     try:
         assert f.size() == len(data)
         before = fault_proxy.bytes_relayed
-        assert f.pread(100, 300_000) == data[300_000:300_100]       # block 1
+        assert f.pread(100, 300_000) == data[300_000:300_100]  # block 1
         assert f.pread(5000, 3_000_000) == data[3_000_000:3_005_000]  # blocks 11 (and 11 only)
         assert fault_proxy.bytes_relayed - before == 2 * 262144
         assert fault_proxy.ranges[-2:] == ["bytes=262144-524287", "bytes=2883584-3145727"]

@@ -24,8 +24,9 @@ def l01(tmp_path, registry, vector_layers):
 
 def test_metrics_endpoint_and_audit(tmp_path, registry, l01):
     port = free_port()
-    svc = make_service(tmp_path, refill=4096, audit=True,
-                       extra={"exporterConfig": {"enable": True, "port": port, "uriPrefix": "/m"}})
+    svc = make_service(
+        tmp_path, refill=4096, audit=True, extra={"exporterConfig": {"enable": True, "port": port, "uriPrefix": "/m"}}
+    )
     try:
         with open_image(device(f"http://{registry.host}/v2/vec/l01/blobs", l01), svc) as img:
             assert sha256_of(img) == L01_SHA256
@@ -39,8 +40,10 @@ def test_metrics_endpoint_and_audit(tmp_path, registry, l01):
     assert re.search(r"^overlaybd_cache_misses_total [1-9]", text, re.M)
     assert 'overlaybd_registry_request_seconds_bucket{le="+Inf"}' in text
     assert "# TYPE overlaybd_registry_errors_total counter" in text
-    line_re = re.compile(r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d\.\d{6}\|AUDIT\|th=[0-9a-f]+\|download"
-                         r"\[pathname=http://[^\]]+\]\[offset=\d+\]\[size=\d+\]\[latency=\d+\]$")
+    line_re = re.compile(
+        r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d\.\d{6}\|AUDIT\|th=[0-9a-f]+\|download"
+        r"\[pathname=http://[^\]]+\]\[offset=\d+\]\[size=\d+\]\[latency=\d+\]$"
+    )
     lines = (tmp_path / "audit.log").read_text().splitlines()
     assert any(line_re.match(x) for x in lines), lines[:3]
 

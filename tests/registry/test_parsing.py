@@ -33,8 +33,13 @@ def test_parse_reference(text, registry, repo, tag, digest):
 
 @pytest.mark.parametrize(
     ("text", "part"),
-    [("", "reference"), ("Upper/Case", "repository"), ("a/b@sha256:short", "digest"), ("a/b:bad tag", "tag"),
-     (" x", "reference")],
+    [
+        ("", "reference"),
+        ("Upper/Case", "repository"),
+        ("a/b@sha256:short", "digest"),
+        ("a/b:bad tag", "tag"),
+        (" x", "reference"),
+    ],
 )
 def test_bad_reference_names_part(text, part):
     with pytest.raises(ReferenceError) as ei:
@@ -58,9 +63,11 @@ def test_blob_url_and_location():
 def test_candidate_keys_and_first_match_wins():
     url = f"https://reg.io/v2/team/app/blobs/{DIG}"
     assert candidate_keys(url) == ["reg.io", "reg.io/team", "reg.io/team/app"]
-    auths = {"reg.io/other": {"username": "o", "password": "o"},
-             "reg.io/team": {"auth": base64.b64encode(b"t:pw:with:colons").decode()},
-             "reg.io": {"username": "h", "password": "h"}}
+    auths = {
+        "reg.io/other": {"username": "o", "password": "o"},
+        "reg.io/team": {"auth": base64.b64encode(b"t:pw:with:colons").decode()},
+        "reg.io": {"username": "h", "password": "h"},
+    }
     c = match_auths("cred.json", auths, url)
     assert (c.username, c.password) == ("t", "pw:with:colons")
     assert match_auths("cred.json", {"https://reg.io": {"username": "u", "password": "p"}}, url).username == "u"

@@ -17,8 +17,15 @@ def test_https_with_client_certificate_uses_http2(tmp_path, tls_registry, vector
     tls_registry.push(tmp_path / "oci", "v1", "sec/app")
     monkeypatch.setenv("OVERLAYBD_CA_FILE", str(tls_registry.certs / "ca.crt"))  # instead of the system CAs
     url = f"https://{tls_registry.host}/v2/sec/app/blobs"
-    svc = make_service(tmp_path, extra={"certConfig": {"certFile": str(tls_registry.certs / "client.crt"),
-                                                       "keyFile": str(tls_registry.certs / "client.key")}})
+    svc = make_service(
+        tmp_path,
+        extra={
+            "certConfig": {
+                "certFile": str(tls_registry.certs / "client.crt"),
+                "keyFile": str(tls_registry.certs / "client.key"),
+            }
+        },
+    )
     with open_image(device(url, layers), svc) as img:
         assert sha256_of(img) == L01_SHA256
     assert client_for(svc).transport.last_http_version == 2  # negotiated by ALPN, as the registry offers it

@@ -31,8 +31,10 @@ SN_ROOT = f"{BASE}/snap"
 IMAGE = "obd"  # the name overlaybd-convert gives the image in the layout (io.containerd.image.name)
 HELLO = "hello from a tcmu device\n"
 # what the container sees, then it waits to be killed (so the guest can look at its mounts meanwhile)
-IN_CONTAINER = ("cat /etc/hello.txt && echo scribble > /etc/hello.txt && cat /etc/hello.txt && "
-                "grep ' / ' /proc/self/mounts && echo READY && exec sleep 600")
+IN_CONTAINER = (
+    "cat /etc/hello.txt && echo scribble > /etc/hello.txt && cat /etc/hello.txt && "
+    "grep ' / ' /proc/self/mounts && echo READY && exec sleep 600"
+)
 TCMU_DEVS = "/sys/kernel/config/target/core/user_999999999/dev_*"
 results: dict[str, str] = {}
 procs: list[subprocess.Popen] = []
@@ -88,11 +90,17 @@ def prepare_guest() -> None:
 
 def start_stack() -> None:
     with open(f"{BASE}/overlaybd.json", "w") as f:
-        json.dump({"logConfig": {"logLevel": 1, "logPath": f"{S}/overlaybd.log"},
-                   "cacheConfig": {"cacheType": "file", "cacheDir": f"{BASE}/cache", "cacheSizeGB": 1},
-                   "enableAudit": False}, f)
-    daemon = start("daemon", [f"{BIN}/python", "-m", "overlaybd.cli.tcmu", f"{BASE}/overlaybd.json",
-                              "--frontend", "tcmu"])
+        json.dump(
+            {
+                "logConfig": {"logLevel": 1, "logPath": f"{S}/overlaybd.log"},
+                "cacheConfig": {"cacheType": "file", "cacheDir": f"{BASE}/cache", "cacheSizeGB": 1},
+                "enableAudit": False,
+            },
+            f,
+        )
+    daemon = start(
+        "daemon", [f"{BIN}/python", "-m", "overlaybd.cli.tcmu", f"{BASE}/overlaybd.json", "--frontend", "tcmu"]
+    )
     wait_for(lambda: "ready" in open(f"{S}/daemon.log", errors="replace").read(), 120, "overlaybd-tcmu", daemon)
 
     with open(f"{BASE}/snapshotter.json", "w") as f:
@@ -120,9 +128,15 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.a
   address = "{SN_SOCK}"
 """)
     cd = start("containerd", ["containerd", "--config", f"{BASE}/containerd.toml"])
-    wait_for(lambda: os.path.exists(SOCK) and subprocess.run(["ctr", "--address", SOCK, "version"],
-                                                           capture_output=True).returncode == 0,
-             120, "containerd", cd)
+    wait_for(
+        lambda: (
+            os.path.exists(SOCK)
+            and subprocess.run(["ctr", "--address", SOCK, "version"], capture_output=True).returncode == 0
+        ),
+        120,
+        "containerd",
+        cd,
+    )
 
 
 def lower_mount_source(lowerdir: str) -> str:
@@ -154,8 +168,24 @@ def main() -> None:
     # root. The container's own init is pivot_rooted correctly, so it reports what it sees and then waits.
     out_path = f"{BASE}/c2.out"
     with open(out_path, "wb") as out:
-        c2 = subprocess.Popen(["ctr", "--address", SOCK, "run", "--rm", "--snapshotter", "overlaybd", IMAGE, "c2",
-                               "/bin/sh", "-c", IN_CONTAINER], stdout=out, stderr=subprocess.STDOUT)
+        c2 = subprocess.Popen(
+            [
+                "ctr",
+                "--address",
+                SOCK,
+                "run",
+                "--rm",
+                "--snapshotter",
+                "overlaybd",
+                IMAGE,
+                "c2",
+                "/bin/sh",
+                "-c",
+                IN_CONTAINER,
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     procs.append(c2)
     wait_for(lambda: "READY" in open(out_path, errors="replace").read(), 120, "container c2", c2)
     seen = open(out_path, errors="replace").read()
@@ -163,7 +193,7 @@ def main() -> None:
     check("write_on_overlay", seen.startswith(HELLO + "scribble\n"), repr(seen))
     root = [ln for ln in seen.splitlines() if ln.split()[1:2] == ["/"]]
     opts = root[0].split()[3].split(",") if root else []
-    lowers = [o[len("lowerdir="):] for o in opts if o.startswith("lowerdir=")]
+    lowers = [o[len("lowerdir=") :] for o in opts if o.startswith("lowerdir=")]
     check("rootfs_overlay", bool(root) and root[0].split()[2] == "overlay" and len(lowers) == 1, repr(seen))
     src = lower_mount_source(lowers[0].split(":")[0]) if lowers else ""
     print(f"container lowerdir {lowers} is mounted from {src!r}", flush=True)

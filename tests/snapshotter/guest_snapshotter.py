@@ -36,8 +36,11 @@ def main() -> None:
     with open(f"{S}/overlaybd.json", "w") as f:
         json.dump({"logConfig": {"logLevel": 1, "logPath": f"{S}/overlaybd.log"}, "enableAudit": False}, f)
     log = open(f"{S}/daemon.log", "wb")  # noqa: SIM115 - lives as long as the daemon
-    daemon = subprocess.Popen([f"{BIN}/python", "-m", "overlaybd.cli.tcmu", f"{S}/overlaybd.json",
-                               "--frontend", "tcmu"], stdout=log, stderr=log)
+    daemon = subprocess.Popen(
+        [f"{BIN}/python", "-m", "overlaybd.cli.tcmu", f"{S}/overlaybd.json", "--frontend", "tcmu"],
+        stdout=log,
+        stderr=log,
+    )
     deadline = time.monotonic() + 120
     while "ready" not in open(f"{S}/daemon.log", errors="replace").read():
         if daemon.poll() is not None or time.monotonic() > deadline:
@@ -58,7 +61,7 @@ def main() -> None:
     check("local_layer_adopted", os.path.exists(f"{root}/snapshots/{a.id}/block/config.v1.json"))
 
     m = sn.prepare("c", "A", {})
-    lower = [o for o in m[0].options if o.startswith("lowerdir=")][0][len("lowerdir="):]
+    lower = [o for o in m[0].options if o.startswith("lowerdir=")][0][len("lowerdir=") :]
     mark = open(f"{root}/snapshots/{a.id}/block/backstore_mark").read()
     check("scsi_device", mark.startswith("/dev/sd"), mark)
     check("ro_device_content", open(f"{lower}/etc/motd").read() == "lazy hello\n")
@@ -73,7 +76,7 @@ def main() -> None:
     w = sn.stat("W")
     check("sealed", os.path.exists(f"{root}/snapshots/{w.id}/fs/overlaybd.sealed"))
     m = sn.prepare("c2", "W", {})
-    lower = [o for o in m[0].options if o.startswith("lowerdir=")][0][len("lowerdir="):]
+    lower = [o for o in m[0].options if o.startswith("lowerdir=")][0][len("lowerdir=") :]
     check("sealed_content", open(f"{lower}/etc/guest-note").read() == "sealed in the guest\n")
 
     for key in ("c2", "W", "c", "A"):

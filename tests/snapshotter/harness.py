@@ -92,7 +92,10 @@ class Stack:
         log = open(self.base / "snapshotter.log", "ab")
         self.snapshotter = subprocess.Popen(
             [str(VENV_BIN / "overlaybd-snapshotter"), str(self.snap_cfg_path), "--fuse-socket", str(self.fuse_sock)],
-            stdout=log, stderr=log, env={**os.environ, **(env or {})})
+            stdout=log,
+            stderr=log,
+            env={**os.environ, **(env or {})},
+        )
         wait_for(lambda: self.snap_sock.exists() or self.snapshotter.poll() is not None, 30, "snapshotter socket")
         if self.snapshotter.poll() is not None:
             raise RuntimeError(f"snapshotter exited: {self.log('snapshotter')}")
@@ -151,9 +154,22 @@ class Stack:
         (self.base / "cred.json").write_text('{"auths": {}}')
         (self.base / "overlaybd.json").write_text(json.dumps(svc))
         log = open(self.base / "daemon.log", "ab")
-        p = subprocess.Popen([sys.executable, "-m", "overlaybd.cli.tcmu", str(self.base / "overlaybd.json"),
-                              "--frontend", "fuse", "--fuse-socket", str(self.fuse_sock),
-                              "--fuse-run-dir", str(self.base / "fuse")], stdout=log, stderr=log)
+        p = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "overlaybd.cli.tcmu",
+                str(self.base / "overlaybd.json"),
+                "--frontend",
+                "fuse",
+                "--fuse-socket",
+                str(self.fuse_sock),
+                "--fuse-run-dir",
+                str(self.base / "fuse"),
+            ],
+            stdout=log,
+            stderr=log,
+        )
         self.extra.append(p)
         self.daemon = p
         wait_for(lambda: self.fuse_sock.exists() or p.poll() is not None, 30, "overlaybd daemon control socket")
@@ -188,10 +204,12 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 """
         (self.base / "containerd.toml").write_text(toml)
         log = open(self.base / "containerd.log", "ab")
-        self.containerd = subprocess.Popen(["containerd", "--config", str(self.base / "containerd.toml")],
-                                           stdout=log, stderr=log)
-        wait_for(lambda: self.sock.exists() and self.ctr("version", check=False).returncode == 0, 30,
-                 "containerd socket")
+        self.containerd = subprocess.Popen(
+            ["containerd", "--config", str(self.base / "containerd.toml")], stdout=log, stderr=log
+        )
+        wait_for(
+            lambda: self.sock.exists() and self.ctr("version", check=False).returncode == 0, 30, "containerd socket"
+        )
 
     def log(self, which: str) -> str:
         p = self.base / f"{which}.log"
@@ -199,11 +217,12 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 
     # -- clients -------------------------------------------------------------------------------
     def ctr(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
-        r = subprocess.run(["ctr", "--address", str(self.sock), *args], capture_output=True, text=True,
-                           timeout=timeout)
+        r = subprocess.run(["ctr", "--address", str(self.sock), *args], capture_output=True, text=True, timeout=timeout)
         if check and r.returncode != 0:
-            raise AssertionError(f"ctr {' '.join(args)} failed ({r.returncode}): {r.stderr}\n"
-                                 f"--- snapshotter log ---\n{self.log('snapshotter')}")
+            raise AssertionError(
+                f"ctr {' '.join(args)} failed ({r.returncode}): {r.stderr}\n"
+                f"--- snapshotter log ---\n{self.log('snapshotter')}"
+            )
         return r
 
     def gc(self) -> None:
@@ -295,6 +314,17 @@ http:
 
     def push_layout(self, layout: Path, name: str, repo: str) -> str:
         ref = f"{self.host}/{repo}"
-        subprocess.run(["skopeo", "copy", "--quiet", "--preserve-digests", "--dest-tls-verify=false",
-                        f"oci:{layout}:{name}", f"docker://{ref}"], check=True, capture_output=True)
+        subprocess.run(
+            [
+                "skopeo",
+                "copy",
+                "--quiet",
+                "--preserve-digests",
+                "--dest-tls-verify=false",
+                f"oci:{layout}:{name}",
+                f"docker://{ref}",
+            ],
+            check=True,
+            capture_output=True,
+        )
         return ref

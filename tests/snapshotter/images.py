@@ -22,8 +22,15 @@ MT_CONFIG = "application/vnd.oci.image.config.v1+json"
 MT_LAYER_GZ = "application/vnd.oci.image.layer.v1.tar+gzip"
 
 
-def _add(tf: tarfile.TarFile, name: str, data: bytes | None = None, *, mode: int = 0o644, link: str = "",
-         kind: bytes = tarfile.REGTYPE) -> None:
+def _add(
+    tf: tarfile.TarFile,
+    name: str,
+    data: bytes | None = None,
+    *,
+    mode: int = 0o644,
+    link: str = "",
+    kind: bytes = tarfile.REGTYPE,
+) -> None:
     ti = tarfile.TarInfo(name)
     ti.mode, ti.mtime, ti.type = mode, 0, kind
     if kind == tarfile.SYMTYPE:
@@ -36,8 +43,9 @@ def _add(tf: tarfile.TarFile, name: str, data: bytes | None = None, *, mode: int
         tf.addfile(ti, io.BytesIO(data or b""))
 
 
-def busybox_layer(os_release: str = "ID=obdtest\nNAME=\"overlaybd test\"\n",
-                  extra: dict[str, bytes] | None = None) -> bytes:
+def busybox_layer(
+    os_release: str = 'ID=obdtest\nNAME="overlaybd test"\n', extra: dict[str, bytes] | None = None
+) -> bytes:
     """Uncompressed tar: /bin/busybox + applet symlinks + /etc/os-release + empty /tmp /proc /sys /dev."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
@@ -80,17 +88,34 @@ def write_layout(out: Path, name: str, layers: list[bytes], cmd: tuple[str, ...]
         gz = gzip.compress(raw, mtime=0)
         d, n = _blob(blobs, gz)
         descs.append({"mediaType": MT_LAYER_GZ, "digest": d, "size": n})
-    config = {"architecture": "amd64", "os": "linux",
-              "config": {"Cmd": list(cmd), "Env": ["PATH=/bin"], "WorkingDir": "/"},
-              "rootfs": {"type": "layers", "diff_ids": diff_ids}}
+    config = {
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {"Cmd": list(cmd), "Env": ["PATH=/bin"], "WorkingDir": "/"},
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
+    }
     cd, cn = _blob(blobs, json.dumps(config).encode())
-    manifest = {"schemaVersion": 2, "mediaType": MT_MANIFEST,
-                "config": {"mediaType": MT_CONFIG, "digest": cd, "size": cn}, "layers": descs}
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": MT_MANIFEST,
+        "config": {"mediaType": MT_CONFIG, "digest": cd, "size": cn},
+        "layers": descs,
+    }
     md, mn = _blob(blobs, json.dumps(manifest).encode())
-    index = {"schemaVersion": 2, "manifests": [{
-        "mediaType": MT_MANIFEST, "digest": md, "size": mn,
-        "annotations": {"io.containerd.image.name": name, "org.opencontainers.image.ref.name": name.rsplit(":", 1)[-1]},
-    }]}
+    index = {
+        "schemaVersion": 2,
+        "manifests": [
+            {
+                "mediaType": MT_MANIFEST,
+                "digest": md,
+                "size": mn,
+                "annotations": {
+                    "io.containerd.image.name": name,
+                    "org.opencontainers.image.ref.name": name.rsplit(":", 1)[-1],
+                },
+            }
+        ],
+    }
     (out / "index.json").write_text(json.dumps(index))
     (out / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
     return md

@@ -38,28 +38,38 @@ def test_shipped_file_and_defaults(tmp_path):
 
 
 def test_mirrors_and_turbo(tmp_path):
-    cfg = load_config(write(tmp_path, {**SHIPPED, "mirrorRegistry": [{"host": "127.0.0.1:5000", "insecure": True},
-                                                                    {"host": "r.example"}],
-                                       "turboFsType": ["erofs"]}))
+    cfg = load_config(
+        write(
+            tmp_path,
+            {
+                **SHIPPED,
+                "mirrorRegistry": [{"host": "127.0.0.1:5000", "insecure": True}, {"host": "r.example"}],
+                "turboFsType": ["erofs"],
+            },
+        )
+    )
     assert cfg.insecure_hosts() == {"127.0.0.1:5000"}
     assert cfg.turbo_fs_type == ["erofs", "ext4"]
 
 
-@pytest.mark.parametrize("patch, field", [
-    ({"rwMode": "ramdisk"}, "rwMode"),
-    ({"writableLayerType": "cow"}, "writableLayerType"),
-    ({"verbose": 3}, "verbose"),
-    ({"autoRemoveDev": "yes"}, "autoRemoveDev"),
-    ({"tenant": 1.5}, "tenant"),
-    ({"root": ""}, "root"),
-    ({"address": "relative.sock"}, "address"),
-    ({"rootfsQuota": "lots"}, "rootfsQuota"),
-    ({"exporterConfig": {"port": 70000}}, "exporterConfig.port"),
-    ({"exporterConfig": []}, "exporterConfig"),
-    ({"mirrorRegistry": [{"insecure": True}]}, "mirrorRegistry[0].host"),
-    ({"mirrorRegistry": [{"host": "h", "insecure": "no"}]}, "mirrorRegistry[0].insecure"),
-    ({"turboFsType": "erofs"}, "turboFsType"),
-])
+@pytest.mark.parametrize(
+    "patch, field",
+    [
+        ({"rwMode": "ramdisk"}, "rwMode"),
+        ({"writableLayerType": "cow"}, "writableLayerType"),
+        ({"verbose": 3}, "verbose"),
+        ({"autoRemoveDev": "yes"}, "autoRemoveDev"),
+        ({"tenant": 1.5}, "tenant"),
+        ({"root": ""}, "root"),
+        ({"address": "relative.sock"}, "address"),
+        ({"rootfsQuota": "lots"}, "rootfsQuota"),
+        ({"exporterConfig": {"port": 70000}}, "exporterConfig.port"),
+        ({"exporterConfig": []}, "exporterConfig"),
+        ({"mirrorRegistry": [{"insecure": True}]}, "mirrorRegistry[0].host"),
+        ({"mirrorRegistry": [{"host": "h", "insecure": "no"}]}, "mirrorRegistry[0].insecure"),
+        ({"turboFsType": "erofs"}, "turboFsType"),
+    ],
+)
 def test_errors_name_file_and_field(tmp_path, patch, field):
     path = write(tmp_path, {**SHIPPED, **patch})
     with pytest.raises(ConfigError) as ei:

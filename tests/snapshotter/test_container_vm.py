@@ -25,9 +25,20 @@ pytestmark = [pytest.mark.vm, pytest.mark.containerd]
 
 HERE = Path(__file__).resolve().parent
 HELLO = b"hello from a tcmu device\n"
-CHECKS = ["tcmu_available", "local_layer_adopted", "run_rm_output", "write_on_overlay", "rootfs_overlay",
-          "rootfs_from_scsi_device", "device_is_lio", "tcmu_backstore", "container_removed", "layer_unchanged",
-          "devices_detached", "mounts_released"]
+CHECKS = [
+    "tcmu_available",
+    "local_layer_adopted",
+    "run_rm_output",
+    "write_on_overlay",
+    "rootfs_overlay",
+    "rootfs_from_scsi_device",
+    "device_is_lio",
+    "tcmu_backstore",
+    "container_removed",
+    "layer_unchanged",
+    "devices_detached",
+    "mounts_released",
+]
 
 
 def _tar_layout(layout: Path, out: Path) -> None:
@@ -56,8 +67,11 @@ def guest_results(tmp_path_factory):
     shutil.copy(HERE / "guest_container.py", s / "guest_container.py")
     r = Guest(s, work).run(f"python {s}/guest_container.py {s}\n", timeout=300)
     results_file = s / "results.json"
-    logs = "".join(f"\n--- {n}\n" + (s / f"{n}.log").read_text(errors="replace")[-2000:]
-                   for n in ("daemon", "snapshotter", "containerd") if (s / f"{n}.log").exists())
+    logs = "".join(
+        f"\n--- {n}\n" + (s / f"{n}.log").read_text(errors="replace")[-2000:]
+        for n in ("daemon", "snapshotter", "containerd")
+        if (s / f"{n}.log").exists()
+    )
     if not results_file.exists():
         pytest.fail(f"guest wrote no results (rc {r.rc}):\n{r.output[-3000:]}{logs}\n{r.console[-2000:]}")
     results = json.loads(results_file.read_text())

@@ -11,23 +11,52 @@ pytestmark = pytest.mark.containerd
 
 def test_import_and_run(stack, cname):
     stack.import_busybox()
-    r = stack.ctr("run", "--rm", "--snapshotter", "overlaybd", IMAGE, cname, "/bin/sh", "-c",
-                  "cat /etc/os-release; echo hello-from-overlaybd-snapshotter")
+    r = stack.ctr(
+        "run",
+        "--rm",
+        "--snapshotter",
+        "overlaybd",
+        IMAGE,
+        cname,
+        "/bin/sh",
+        "-c",
+        "cat /etc/os-release; echo hello-from-overlaybd-snapshotter",
+    )
     assert "ID=obdtest" in r.stdout
     assert "hello-from-overlaybd-snapshotter" in r.stdout
 
 
 def test_rootfs_changes_survive_restart(stack, cname):
     stack.import_busybox()
-    stack.ctr("container", "create", "--snapshotter", "overlaybd", "--", IMAGE, cname, "/bin/sh", "-c",
-              "test -f /data/n && cat /data/n; echo run >> /data/n")
+    stack.ctr(
+        "container",
+        "create",
+        "--snapshotter",
+        "overlaybd",
+        "--",
+        IMAGE,
+        cname,
+        "/bin/sh",
+        "-c",
+        "test -f /data/n && cat /data/n; echo run >> /data/n",
+    )
     first = stack.ctr("task", "start", cname).stdout  # attached start deletes the task when it exits
     second = stack.ctr("task", "start", cname).stdout
     assert "run" not in first
     assert second.strip() == "run"
     stack.ctr("container", "rm", cname)  # removes the rootfs snapshot
-    stack.ctr("container", "create", "--snapshotter", "overlaybd", "--", IMAGE, cname, "/bin/sh", "-c",
-              "cat /data/n 2>/dev/null || echo gone")
+    stack.ctr(
+        "container",
+        "create",
+        "--snapshotter",
+        "overlaybd",
+        "--",
+        IMAGE,
+        cname,
+        "/bin/sh",
+        "-c",
+        "cat /data/n 2>/dev/null || echo gone",
+    )
     third = stack.ctr("task", "start", cname).stdout
     assert third.strip() == "gone"
 

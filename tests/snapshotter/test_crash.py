@@ -31,8 +31,9 @@ def gc_to_empty(stack) -> None:
     assert stack.snapshot_dirs() == []
 
 
-@pytest.mark.parametrize("point", ["create.before-commit", "create.after-commit", "commit.before-commit",
-                                   "commit.after-commit"])
+@pytest.mark.parametrize(
+    "point", ["create.before-commit", "create.after-commit", "commit.before-commit", "commit.after-commit"]
+)
 def test_crash_during_unpack(stack_factory, cname, point):
     stack = stack_factory(start=False)
     stack.start_snapshotter({"OVERLAYBD_SNAPSHOTTER_CRASH": point})

@@ -30,15 +30,18 @@ def client(stack_factory):
     ch.close()
 
 
-@pytest.mark.parametrize("bad", [
-    {"containerd.io/snapshot/overlaybd/blob-digest": "md5:abc"},
-    {"containerd.io/snapshot/overlaybd/blob-size": "-1"},
-    {"containerd.io/snapshot/overlaybd/blob-size": "12k"},
-    {"containerd.io/snapshot/overlaybd/vsize": "0"},
-    {"containerd.io/snapshot/overlaybd.writable": "sometimes"},
-    {"containerd.io/snapshot/image-ref": "UPPER/Case::bad"},
-    {"k": "v" * 4096},
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"containerd.io/snapshot/overlaybd/blob-digest": "md5:abc"},
+        {"containerd.io/snapshot/overlaybd/blob-size": "-1"},
+        {"containerd.io/snapshot/overlaybd/blob-size": "12k"},
+        {"containerd.io/snapshot/overlaybd/vsize": "0"},
+        {"containerd.io/snapshot/overlaybd.writable": "sometimes"},
+        {"containerd.io/snapshot/image-ref": "UPPER/Case::bad"},
+        {"k": "v" * 4096},
+    ],
+)
 def test_bad_labels_invalid_argument(client, bad):
     stub, s = client
     labels = {**REMOTE, **bad}
@@ -63,8 +66,18 @@ def test_bad_update_label_invalid_argument(client):
 @pytest.mark.containerd
 def test_bad_label_through_ctr(stack, cname):
     stack.import_busybox()
-    r = stack.ctr("run", "--rm", "--snapshotter", "overlaybd", "--snapshotter-label",
-                  "containerd.io/snapshot/overlaybd.writable=sometimes", IMAGE, cname, "/bin/true", check=False)
+    r = stack.ctr(
+        "run",
+        "--rm",
+        "--snapshotter",
+        "overlaybd",
+        "--snapshotter-label",
+        "containerd.io/snapshot/overlaybd.writable=sometimes",
+        IMAGE,
+        cname,
+        "/bin/true",
+        check=False,
+    )
     assert r.returncode != 0
     assert "overlaybd.writable" in r.stderr and "invalid argument" in r.stderr
 

@@ -57,11 +57,28 @@ def traced_image(registry, tmp_path) -> tuple[str, str]:
     return ref, manifest["layers"][-1]["digest"]
 
 
-def _record(stack, ref: str, new_ref: str, work: Path, command: list[str] = COMMAND,
-            timeout: int = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([str(VENV_BIN / "overlaybd-record-trace"), "--address", str(stack.sock), "--plain-http",
-                           "--timeout", str(timeout), "--work-dir", str(work), ref, new_ref, "--", *command],
-                          capture_output=True, text=True, timeout=600)
+def _record(
+    stack, ref: str, new_ref: str, work: Path, command: list[str] = COMMAND, timeout: int = 120
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [
+            str(VENV_BIN / "overlaybd-record-trace"),
+            "--address",
+            str(stack.sock),
+            "--plain-http",
+            "--timeout",
+            str(timeout),
+            "--work-dir",
+            str(work),
+            ref,
+            new_ref,
+            "--",
+            *command,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def _configs(stack) -> list[tuple[Path, dict]]:
@@ -70,8 +87,11 @@ def _configs(stack) -> list[tuple[Path, dict]]:
 
 def _cached_bytes(stack, digest: str) -> int:
     """Bytes of blob `digest` held in the daemon's block cache (its sparse data file's allocated size)."""
-    files = [p for p in (stack.base / "cache").rglob("*") if p.is_file() and digest[7:] in p.name
-             and not p.name.endswith(".meta")]
+    files = [
+        p
+        for p in (stack.base / "cache").rglob("*")
+        if p.is_file() and digest[7:] in p.name and not p.name.endswith(".meta")
+    ]
     return sum(p.stat().st_blocks * 512 for p in files)
 
 

@@ -42,11 +42,13 @@ def lazy_stack(stack_factory, registry):
 
 
 def rpull(stack, ref, check=True):
-    r = subprocess.run([*RPULL, "--address", str(stack.sock), "--plain-http", ref], capture_output=True, text=True,
-                       timeout=120)
+    r = subprocess.run(
+        [*RPULL, "--address", str(stack.sock), "--plain-http", ref], capture_output=True, text=True, timeout=120
+    )
     if check:
-        assert r.returncode == 0, f"{r.stderr}\n--- snapshotter ---\n{stack.log('snapshotter')}\n" \
-                                  f"--- daemon ---\n{stack.log('daemon')}"
+        assert r.returncode == 0, (
+            f"{r.stderr}\n--- snapshotter ---\n{stack.log('snapshotter')}\n--- daemon ---\n{stack.log('daemon')}"
+        )
     return r
 
 
@@ -55,8 +57,17 @@ def test_rpull_then_run_lazily(lazy_stack, obd_image, cname):
     rpull(lazy_stack, ref)
     content = lazy_stack.ctr("content", "ls", "-q").stdout.split()
     assert not set(layer_digests) & set(content)  # layers were never downloaded into containerd
-    out = lazy_stack.ctr("run", "--rm", "--snapshotter", "overlaybd", ref, cname, "/bin/sh", "-c",
-                         "cat /etc/os-release /etc/motd; echo written > /tmp/w; cat /tmp/w")
+    out = lazy_stack.ctr(
+        "run",
+        "--rm",
+        "--snapshotter",
+        "overlaybd",
+        ref,
+        cname,
+        "/bin/sh",
+        "-c",
+        "cat /etc/os-release /etc/motd; echo written > /tmp/w; cat /tmp/w",
+    )
     assert "ID=obdtest" in out.stdout and "lazy hello" in out.stdout and "written" in out.stdout
     # the lazy layers are committed remote snapshots with a config.v1.json fetching from the registry
     remote = [i for i in lazy_stack.backend() if i.labels.get("containerd.io/snapshot/remote") == "remote snapshot"]
@@ -94,8 +105,7 @@ def test_registry_down_during_prepare(lazy_stack, obd_image, registry, cname):
     ref, _ = obd_image
     rpull(lazy_stack, ref)
     registry.stop()
-    r = lazy_stack.ctr("run", "--rm", "--snapshotter", "overlaybd", ref, cname, "/bin/true", check=False,
-                       timeout=300)
+    r = lazy_stack.ctr("run", "--rm", "--snapshotter", "overlaybd", ref, cname, "/bin/true", check=False, timeout=300)
     assert r.returncode != 0
     assert "failed to attach overlaybd device" in r.stderr, r.stderr
     assert registry.host in r.stderr or "connect" in r.stderr.lower(), r.stderr
@@ -172,7 +182,7 @@ def test_writable_dir_and_dev_and_commit_seals(lazy_stack, obd_image, tmp_path):
         # a container on the sealed layer (rwMode overlayfs) sees the committed file through the RO device
         m = stub.Prepare(pb.PrepareSnapshotRequest(key="c1", parent="W1")).mounts
         assert m[0].type == "overlay"
-        lower = [o for o in m[0].options if o.startswith("lowerdir=")][0][len("lowerdir="):]
+        lower = [o for o in m[0].options if o.startswith("lowerdir=")][0][len("lowerdir=") :]
         assert Path(lower, "etc/new").read_text() == "sealed data\n"
         # dev mode: the raw block device is returned as an ext4 mount
         m = stub.Prepare(pb.PrepareSnapshotRequest(key="d1", parent=top, labels={w: "dev"})).mounts
@@ -191,9 +201,20 @@ def test_writable_dir_and_dev_and_commit_seals(lazy_stack, obd_image, tmp_path):
 def test_ctr_run_writable_label_persists(lazy_stack, obd_image, cname):
     ref, _ = obd_image
     rpull(lazy_stack, ref)
-    lazy_stack.ctr("container", "create", "--snapshotter", "overlaybd", "--snapshotter-label",
-                   "containerd.io/snapshot/overlaybd.writable=dir", "--", ref, cname, "/bin/sh", "-c",
-                   "cat /data/n 2>/dev/null; echo again >> /data/n; mount | grep ' / '")
+    lazy_stack.ctr(
+        "container",
+        "create",
+        "--snapshotter",
+        "overlaybd",
+        "--snapshotter-label",
+        "containerd.io/snapshot/overlaybd.writable=dir",
+        "--",
+        ref,
+        cname,
+        "/bin/sh",
+        "-c",
+        "cat /data/n 2>/dev/null; echo again >> /data/n; mount | grep ' / '",
+    )
     first = lazy_stack.ctr("task", "start", cname).stdout
     second = lazy_stack.ctr("task", "start", cname).stdout
     assert "again" not in first and "again" in second
@@ -202,21 +223,33 @@ def test_ctr_run_writable_label_persists(lazy_stack, obd_image, cname):
 
 
 def test_rwmode_dir_sparse_from_config(stack_factory, registry, obd_image, cname):
-    s = stack_factory({"mirrorRegistry": [{"host": registry.host, "insecure": True}], "rwMode": "dir",
-                       "writableLayerType": "sparse"}, start=False)
+    s = stack_factory(
+        {"mirrorRegistry": [{"host": registry.host, "insecure": True}], "rwMode": "dir", "writableLayerType": "sparse"},
+        start=False,
+    )
     s.start_daemon()
     s.start_snapshotter()
     s.start_containerd()
     ref, _ = obd_image
     rpull(s, ref)
-    out = s.ctr("run", "--rm", "--snapshotter", "overlaybd", ref, cname, "/bin/sh", "-c",
-                "echo x > /tmp/y; cat /etc/motd; mount | grep ' / '").stdout
+    out = s.ctr(
+        "run",
+        "--rm",
+        "--snapshotter",
+        "overlaybd",
+        ref,
+        cname,
+        "/bin/sh",
+        "-c",
+        "echo x > /tmp/y; cat /etc/motd; mount | grep ' / '",
+    ).stdout
     assert "lazy hello" in out and "type ext4" in out
 
 
 def test_auto_remove_dev(stack_factory, registry, obd_image, cname):
-    s = stack_factory({"mirrorRegistry": [{"host": registry.host, "insecure": True}], "autoRemoveDev": True},
-                      start=False)
+    s = stack_factory(
+        {"mirrorRegistry": [{"host": registry.host, "insecure": True}], "autoRemoveDev": True}, start=False
+    )
     s.start_daemon()
     s.start_snapshotter()
     s.start_containerd()
@@ -250,8 +283,9 @@ def test_crash_during_remove_of_writable_releases_device(lazy_stack, obd_image):
     lazy_stack.restart_snapshotter({"OVERLAYBD_SNAPSHOTTER_CRASH": "remove.after-commit"})
     stub, ch = lazy_stack.snapshot_client()
     try:
-        m = stub.Prepare(pb.PrepareSnapshotRequest(key="w1", parent=top,
-                                                   labels={"containerd.io/snapshot/overlaybd.writable": "dir"}))
+        m = stub.Prepare(
+            pb.PrepareSnapshotRequest(key="w1", parent=top, labels={"containerd.io/snapshot/overlaybd.writable": "dir"})
+        )
         sid = Path(m.mounts[0].source).parent.parent.name
         import grpc
 

@@ -67,8 +67,12 @@ def test_prepare_commit_view_mounts(client):
 
 def test_error_codes(client):
     stub, _ = client
-    nf, ae, fp, ia = (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ALREADY_EXISTS,
-                      grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT)
+    nf, ae, fp, ia = (
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.ALREADY_EXISTS,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
     prepare(stub, "a")
     assert code(prepare, stub, "a") == ae
     assert code(prepare, stub, "b", "missing") == nf

@@ -20,8 +20,17 @@ from .images import busybox_layer, write_layout
 pytestmark = pytest.mark.vm
 
 HERE = Path(__file__).resolve().parent
-CHECKS = ["tcmu_backend", "local_layer_adopted", "scsi_device", "ro_device_content", "tcm_loop_naa",
-          "writable_bind", "sealed", "sealed_content", "devices_detached"]
+CHECKS = [
+    "tcmu_backend",
+    "local_layer_adopted",
+    "scsi_device",
+    "ro_device_content",
+    "tcm_loop_naa",
+    "writable_bind",
+    "sealed",
+    "sealed_content",
+    "devices_detached",
+]
 
 
 @pytest.fixture(scope="module")

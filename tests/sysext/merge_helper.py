@@ -41,8 +41,11 @@ def main(argv: list[str]) -> int:
     root = Path(argv[0]).resolve()
     force = "--force" in argv
     report: dict = {}
-    for cmd in (["mount", "--make-rprivate", "/"], ["mount", "--make-rshared", "/"],
-                ["mount", "-t", "tmpfs", "tmpfs", "/run"]):
+    for cmd in (
+        ["mount", "--make-rprivate", "/"],
+        ["mount", "--make-rshared", "/"],
+        ["mount", "-t", "tmpfs", "tmpfs", "/run"],
+    ):
         r = sh(cmd)
         if r["rc"] != 0:
             print(json.dumps({"setup_failed": r}))

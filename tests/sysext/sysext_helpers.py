@@ -61,5 +61,3 @@ def build(out: Path, args: list[str], env_extra: dict[str, str] | None = None) -
         log = res.stdout
     fmt = "squashfs" if "squashfs" in args else "erofs"
     return Built(out=out, image=image, fmt=fmt, args=tuple(args), log=log)
-
-

@@ -59,8 +59,9 @@ def test_glibc_required_reads_elf_version_needs(tmp_path: Path) -> None:
     assert where is not None and where.parent == tmp_path
     assert buildtool.version_tuple(need) >= (2, 2)
     # The maximum must match what objdump itself reports for the two ELF files.
-    out = subprocess.run(["objdump", "-p", str(tmp_path / "py"), str(tmp_path / "true")],
-                         check=True, capture_output=True).stdout
+    out = subprocess.run(
+        ["objdump", "-p", str(tmp_path / "py"), str(tmp_path / "true")], check=True, capture_output=True
+    ).stdout
     versions = [buildtool.version_tuple(m.group(1).decode()) for m in buildtool.GLIBC_RE.finditer(out)]
     assert buildtool.version_tuple(need) == max(versions)
 

@@ -162,14 +162,19 @@ def test_tmpfiles_populate_etc_and_keep_edits(mounted: Path, tmp_path: Path) -> 
     cred = etc / "overlaybd/cred.json"
     assert json.loads(cred.read_text()) == {"auths": {}}
     assert stat.S_IMODE(cred.stat().st_mode) == 0o600
-    for d, mode in [("opt/overlaybd/registry_cache", 0o700), ("opt/overlaybd/gzip_cache", 0o700),
-                    ("var/lib/containerd/io.containerd.snapshotter.v1.overlaybd", 0o700),
-                    ("run/overlaybd-snapshotter", 0o700)]:
+    for d, mode in [
+        ("opt/overlaybd/registry_cache", 0o700),
+        ("opt/overlaybd/gzip_cache", 0o700),
+        ("var/lib/containerd/io.containerd.snapshotter.v1.overlaybd", 0o700),
+        ("run/overlaybd-snapshotter", 0o700),
+    ]:
         assert (root / d).is_dir() and stat.S_IMODE((root / d).stat().st_mode) == mode, d
-    for link, target in [("opt/overlaybd/bin", "/usr/local/overlaybd/bin"),
-                         ("opt/overlaybd/etc", "/usr/local/overlaybd/etc"),
-                         ("opt/overlaybd/snapshotter", "/usr/local/overlaybd/snapshotter"),
-                         ("opt/overlaybd/cred.json", "/etc/overlaybd/cred.json")]:
+    for link, target in [
+        ("opt/overlaybd/bin", "/usr/local/overlaybd/bin"),
+        ("opt/overlaybd/etc", "/usr/local/overlaybd/etc"),
+        ("opt/overlaybd/snapshotter", "/usr/local/overlaybd/snapshotter"),
+        ("opt/overlaybd/cred.json", "/etc/overlaybd/cred.json"),
+    ]:
         assert os.readlink(root / link) == target, link
         assert (root / target.lstrip("/")).exists(), target
 
@@ -262,8 +267,10 @@ def test_runs_with_nothing_but_glibc(mounted: Path, tools: list[str], tmp_path: 
     chroot_bin = shutil.which("chroot") or "/usr/sbin/chroot"
     script = [f"mount -t proc proc {chroot}/proc"]
     for name in ["overlaybd", *tools]:
-        script.append(f"echo '== {name}'; env -i {chroot_bin} {chroot} /usr/local/overlaybd/bin/{name} --version 2>&1; "
-                      "echo \"rc=$?\"")
+        script.append(
+            f"echo '== {name}'; env -i {chroot_bin} {chroot} /usr/local/overlaybd/bin/{name} --version 2>&1; "
+            'echo "rc=$?"'
+        )
     res = run(["unshare", "-m", "--propagation", "private", "sh", "-c", "\n".join(script)], timeout=300)
     assert res.returncode == 0, res.stderr
     blocks = dict(b.split("\n", 1) for b in res.stdout.split("== ")[1:])

@@ -38,8 +38,7 @@ def scratch_root(tmp_path: Path, image: Path, os_release: str) -> Path:
 
 def merge(root: Path, *args: str) -> dict:
     needs_root()
-    res = run(["unshare", "-m", "--propagation", "unchanged", str(PYTHON), str(HELPER), str(root), *args],
-              timeout=300)
+    res = run(["unshare", "-m", "--propagation", "unchanged", str(PYTHON), str(HELPER), str(root), *args], timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
     report = json.loads(res.stdout)
     # Nothing may leak: no mount of the scratch root is visible outside the namespace.
@@ -54,9 +53,18 @@ def flatcar_os_release(version: str) -> str:
 def source_version_output(tool: str) -> subprocess.CompletedProcess[str]:
     """The same tool run from the source tree (reference for the frozen one)."""
     return subprocess.run(
-        [sys.executable, "-c", "import sys; from overlaybd.cli.multicall import main; sys.exit(main(sys.argv[1:]))",
-         tool, "--version"],
-        check=False, capture_output=True, text=True, timeout=120, cwd=REPO,
+        [
+            sys.executable,
+            "-c",
+            "import sys; from overlaybd.cli.multicall import main; sys.exit(main(sys.argv[1:]))",
+            tool,
+            "--version",
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
     )
 
 

@@ -39,13 +39,15 @@ def test_replies():
     fe.open_device = open_device
     fe.close_device = lambda minor: closed.append(minor)
     good = "tcm-user/999999999/dev_1/overlaybd//x/config.v1.json;1"
-    fe.netlink = FakeNetlink([
-        ev(nl.CMD_ADDED_DEVICE, good, 0),
-        ev(nl.CMD_ADDED_DEVICE, "tcm-user/999999999/dev_2/overlaybd//x/bad.json;2", 1),
-        ev(nl.CMD_ADDED_DEVICE, "tcm-user/0/other/glfs/vol@host/file", 2),
-        ev(nl.CMD_RECONFIG_DEVICE, good, 0),
-        ev(nl.CMD_REMOVED_DEVICE, good, 0),
-    ])
+    fe.netlink = FakeNetlink(
+        [
+            ev(nl.CMD_ADDED_DEVICE, good, 0),
+            ev(nl.CMD_ADDED_DEVICE, "tcm-user/999999999/dev_2/overlaybd//x/bad.json;2", 1),
+            ev(nl.CMD_ADDED_DEVICE, "tcm-user/0/other/glfs/vol@host/file", 2),
+            ev(nl.CMD_RECONFIG_DEVICE, good, 0),
+            ev(nl.CMD_REMOVED_DEVICE, good, 0),
+        ]
+    )
     fe.handle_events()
     assert opened == [(0, "/x/config.v1.json", "1")] and closed == [0]
     assert fe.netlink.replies == [

@@ -37,7 +37,12 @@ def test_message_framing():
 def test_cfgstring_parsing():
     c = configfs.parse_uio_name("tcm-user/999999999/dev_12/overlaybd//var/lib/x/config.v1.json;12")
     assert (c.hba, c.dev, c.subtype, c.config_path, c.dev_id) == (
-        "999999999", "dev_12", "overlaybd", "/var/lib/x/config.v1.json", "12")
+        "999999999",
+        "dev_12",
+        "overlaybd",
+        "/var/lib/x/config.v1.json",
+        "12",
+    )
     c = configfs.parse_uio_name("tcm-user/0/t/overlaybd//a.json")
     assert c.config_path == "/a.json" and c.dev_id == ""
     assert configfs.parse_uio_name("uio_pci_generic") is None

@@ -142,8 +142,9 @@ def test_mode_select():
     assert run(d, cdb10, out=params10)[0] == S.GOOD
 
 
-@pytest.mark.parametrize("rop, wop", [(S.READ_6, S.WRITE_6), (S.READ_10, S.WRITE_10), (S.READ_12, S.WRITE_12),
-                                      (S.READ_16, S.WRITE_16)])
+@pytest.mark.parametrize(
+    "rop, wop", [(S.READ_6, S.WRITE_6), (S.READ_10, S.WRITE_10), (S.READ_12, S.WRITE_12), (S.READ_16, S.WRITE_16)]
+)
 def test_read_write_all_sizes(rop, wop):
     img, d = disk()
     st, _, data = run(d, rw(rop, 10, 3), data_in=1536)

@@ -115,8 +115,10 @@ def main() -> None:
     check("blob", open(f"{mnt}/bin/blob", "rb").read() == BLOB)
     sh("umount", mnt)
     detach("dev_1")
-    check("detached", not os.path.exists(blk) or not os.path.exists(configfs.backstore_path(configfs.DEFAULT_HBA,
-                                                                                           "dev_1")))
+    check(
+        "detached",
+        not os.path.exists(blk) or not os.path.exists(configfs.backstore_path(configfs.DEFAULT_HBA, "dev_1")),
+    )
 
     if QUICK:
         check("daemon_stops", d.stop() == 0)
@@ -148,8 +150,11 @@ def main() -> None:
     # crash: SIGKILL, then a read queued while no daemon runs completes after the restart
     d.stop(signal.SIGKILL)
     sh("sh", "-c", "echo 3 > /proc/sys/vm/drop_caches")
-    reader = subprocess.Popen(["dd", f"if={blk}", "of=/dev/null", "bs=1M", "count=4", "skip=300", "iflag=direct"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    reader = subprocess.Popen(
+        ["dd", f"if={blk}", "of=/dev/null", "bs=1M", "count=4", "skip=300", "iflag=direct"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     time.sleep(2)
     check("read_waits_for_daemon", reader.poll() is None, f"dd rc {reader.poll()}")
     d.start()

@@ -76,12 +76,14 @@ def module_closure(names: list[str], kver: str = KVER) -> list[Path]:
         if name in seen:
             return
         seen.add(name)
-        deps = subprocess.run(["modinfo", "-k", kver, "-F", "depends", name], capture_output=True, text=True,
-                              check=True).stdout.strip()
+        deps = subprocess.run(
+            ["modinfo", "-k", kver, "-F", "depends", name], capture_output=True, text=True, check=True
+        ).stdout.strip()
         for d in filter(None, deps.split(",")):
             visit(d)
-        path = subprocess.run(["modinfo", "-k", kver, "-n", name], capture_output=True, text=True,
-                              check=True).stdout.strip()
+        path = subprocess.run(
+            ["modinfo", "-k", kver, "-n", name], capture_output=True, text=True, check=True
+        ).stdout.strip()
         if path.startswith("/"):
             order.append(Path(path))
 
@@ -120,8 +122,9 @@ def build_initramfs(out: Path, scratch: str) -> Path:
     init.write_text(INIT)
     init.chmod(0o755)
     files = subprocess.run(["find", "."], cwd=root, capture_output=True, check=True).stdout
-    cpio = subprocess.run(["cpio", "-o", "-H", "newc", "--quiet"], cwd=root, input=files, capture_output=True,
-                          check=True).stdout
+    cpio = subprocess.run(
+        ["cpio", "-o", "-H", "newc", "--quiet"], cwd=root, input=files, capture_output=True, check=True
+    ).stdout
     out.write_bytes(gzip.compress(cpio, 6))
     shutil.rmtree(root)
     return out
@@ -160,11 +163,27 @@ class Guest:
         console_path = self.work / f"console-{self.boots}.log"
         self.boots += 1
         cmd = [
-            "qemu-system-x86_64", "-accel", "tcg", "-cpu", "max", "-smp", str(self.cpus), "-m", str(self.memory_mb),
-            "-nographic", "-no-reboot", "-kernel", str(KERNEL), "-initrd", str(self.initrd),
-            "-append", "console=ttyS0 panic=-1 loglevel=4 quiet",
-            "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
-            "-virtfs", f"local,path={self.scratch},mount_tag=scratch,security_model=none,multidevs=remap",
+            "qemu-system-x86_64",
+            "-accel",
+            "tcg",
+            "-cpu",
+            "max",
+            "-smp",
+            str(self.cpus),
+            "-m",
+            str(self.memory_mb),
+            "-nographic",
+            "-no-reboot",
+            "-kernel",
+            str(KERNEL),
+            "-initrd",
+            str(self.initrd),
+            "-append",
+            "console=ttyS0 panic=-1 loglevel=4 quiet",
+            "-virtfs",
+            "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
+            "-virtfs",
+            f"local,path={self.scratch},mount_tag=scratch,security_model=none,multidevs=remap",
         ]
         for d in disks or []:
             cmd += ["-drive", f"file={d},format=raw,if=virtio,cache=none,aio=threads"]

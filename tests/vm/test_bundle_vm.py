@@ -14,8 +14,18 @@ from test_tcmu_vm import run_scenario
 pytestmark = pytest.mark.vm
 
 BUNDLE_TCMU = Path(__file__).resolve().parents[2] / "out" / "bundle" / "bin" / "overlaybd-tcmu"
-QUICK_CHECKS = ["frontend_tcmu", "attach_ro", "result_success", "cmp_dump", "ro_flag", "size", "hello", "blob",
-                "detached", "daemon_stops"]
+QUICK_CHECKS = [
+    "frontend_tcmu",
+    "attach_ro",
+    "result_success",
+    "cmp_dump",
+    "ro_flag",
+    "size",
+    "hello",
+    "blob",
+    "detached",
+    "daemon_stops",
+]
 
 
 @pytest.fixture(scope="module")

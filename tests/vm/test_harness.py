@@ -10,8 +10,11 @@ pytestmark = pytest.mark.vm
 
 def test_script_output_and_exit_code(guest):
     (guest.scratch / "from-host.txt").write_text("shared\n")
-    r = guest.run("uname -r; cat from-host.txt; echo made-in-guest > from-guest.txt; "
-                  f"test -w {REPO} && echo host-root-writable; exit 3\n", timeout=300)
+    r = guest.run(
+        "uname -r; cat from-host.txt; echo made-in-guest > from-guest.txt; "
+        f"test -w {REPO} && echo host-root-writable; exit 3\n",
+        timeout=300,
+    )
     assert r.rc == 3
     lines = r.output.splitlines()
     assert lines[0] == KVER and lines[1] == "shared" and "host-root-writable" not in lines

@@ -17,10 +17,31 @@ pytestmark = pytest.mark.vm
 HERE = Path(__file__).parent
 VENV_BIN = HERE.parents[1] / ".venv" / "bin"
 CHECKS = [
-    "frontend_tcmu", "attach_ro", "result_success", "cmp_dump", "ro_flag", "size", "hello", "blob", "detached",
-    "bad_enable_fails", "bad_result", "rw_flag", "fstrim", "read_waits_for_daemon", "recovered",
-    "inflight_read_completes", "commit", "reopen_new", "reopen_after_restart", "reopen_deleted", "reopen_hello",
-    "blkdiscard", "discarded_zero", "rest_kept", "daemon_stops",
+    "frontend_tcmu",
+    "attach_ro",
+    "result_success",
+    "cmp_dump",
+    "ro_flag",
+    "size",
+    "hello",
+    "blob",
+    "detached",
+    "bad_enable_fails",
+    "bad_result",
+    "rw_flag",
+    "fstrim",
+    "read_waits_for_daemon",
+    "recovered",
+    "inflight_read_completes",
+    "commit",
+    "reopen_new",
+    "reopen_after_restart",
+    "reopen_deleted",
+    "reopen_hello",
+    "blkdiscard",
+    "discarded_zero",
+    "rest_kept",
+    "daemon_stops",
 ]
 
 
@@ -29,10 +50,10 @@ def prepare(s: Path, vectors: Path) -> None:
     shutil.copy(vectors / "ext4/ap.commit", s / "ap.commit")
     (s / "dump.json").write_text(json.dumps({"lowers": [{"file": str(s / "ap.commit")}]}))
     subprocess.run([str(VENV_BIN / "overlaybd-dump"), str(s / "dump.json"), str(s / "vec.dump")], check=True)
-    subprocess.run([str(VENV_BIN / "overlaybd-create"), str(s / "upper.data"), str(s / "upper.index"), "1"],
-                   check=True)
-    subprocess.run([str(VENV_BIN / "overlaybd-create"), str(s / "blank.data"), str(s / "blank.index"), "64MiB"],
-                   check=True)
+    subprocess.run([str(VENV_BIN / "overlaybd-create"), str(s / "upper.data"), str(s / "upper.index"), "1"], check=True)
+    subprocess.run(
+        [str(VENV_BIN / "overlaybd-create"), str(s / "blank.data"), str(s / "blank.index"), "64MiB"], check=True
+    )
     shutil.copy(HERE / "guest_tcmu.py", s / "guest_tcmu.py")
 
 

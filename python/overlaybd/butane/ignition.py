@@ -15,8 +15,18 @@ from typing import Any
 
 IGNITION_VERSION = {"1.0.0": "3.3.0", "1.1.0": "3.4.0"}
 UNIT_SUFFIXES = (
-    ".service", ".socket", ".device", ".mount", ".automount", ".swap", ".target", ".path", ".timer",
-    ".snapshot", ".slice", ".scope",
+    ".service",
+    ".socket",
+    ".device",
+    ".mount",
+    ".automount",
+    ".swap",
+    ".target",
+    ".path",
+    ".timer",
+    ".snapshot",
+    ".slice",
+    ".scope",
 )
 
 

@@ -53,7 +53,7 @@ def _bool(name: str, value: str) -> bool:
 
 
 def _abs_path(name: str, value: str) -> str:
-    if not value.startswith("/") or os.path.normpath(value) != value or any(c in value for c in "\n\0\"\\"):
+    if not value.startswith("/") or os.path.normpath(value) != value or any(c in value for c in '\n\0"\\'):
         raise ButaneVarError(name, f"{value!r} is not a clean absolute path")
     return value
 

@@ -15,7 +15,7 @@ from overlaybd import __version__
 
 
 def _layout_arg(text: str) -> tuple[str, str | None]:
-    body = text[len("oci:"):]
+    body = text[len("oci:") :]
     path, _, name = body.partition(":")
     return path, name or None
 
@@ -39,8 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--version", action="version", version=f"overlaybd-convert {__version__}")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    opts = Options(vsize_gb=args.vsize, fstype=args.fstype, algorithm=args.algorithm, block_kib=args.bs,
-                   oci=not args.docker)
+    opts = Options(
+        vsize_gb=args.vsize, fstype=args.fstype, algorithm=args.algorithm, block_kib=args.bs, oci=not args.docker
+    )
     try:
         with tempfile.TemporaryDirectory(prefix="obdconv-io-", dir=args.work_dir) as tmp:
             if args.src.startswith("oci:"):
@@ -57,8 +58,9 @@ def main(argv: list[str] | None = None) -> int:
                 dst_path, dst_name = f"{tmp}/dst", "dst"
             else:
                 ap.error(f"dst: expected oci:DIR:NAME or docker://REF, got {args.dst!r}")
-            digest = convert_layout(Layout(src_path), Layout(dst_path), dst_name, src_name=src_name, opts=opts,
-                                    work_dir=args.work_dir)
+            digest = convert_layout(
+                Layout(src_path), Layout(dst_path), dst_name, src_name=src_name, opts=opts, work_dir=args.work_dir
+            )
             if args.dst.startswith("docker://"):
                 skopeo_copy(f"oci:{dst_path}:{dst_name}", args.dst, insecure=args.insecure)
     except (ConvertError, LayoutError, LayerError, OSError) as e:

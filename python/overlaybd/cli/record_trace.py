@@ -19,13 +19,18 @@ from overlaybd import __version__
 def main(argv: list[str] | None = None) -> int:
     from overlaybd.snapshotter.record_trace import RecordTraceError, describe, record_trace
 
-    ap = argparse.ArgumentParser(prog="overlaybd-record-trace", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="overlaybd-record-trace", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("image", help="the overlaybd image, already pulled with rpull")
     ap.add_argument("new_ref", help="where to push the image with its acceleration layer")
     ap.add_argument("command", nargs="+", help="the command to record (after --)")
-    ap.add_argument("-a", "--address", default=os.environ.get("CONTAINERD_ADDRESS", "/run/containerd/containerd.sock"),
-                    help="containerd gRPC socket")
+    ap.add_argument(
+        "-a",
+        "--address",
+        default=os.environ.get("CONTAINERD_ADDRESS", "/run/containerd/containerd.sock"),
+        help="containerd gRPC socket",
+    )
     ap.add_argument("-n", "--namespace", default=os.environ.get("CONTAINERD_NAMESPACE", "default"))
     ap.add_argument("--snapshotter", default="overlaybd")
     ap.add_argument("--plain-http", action="store_true", help="talk HTTP (not HTTPS) to the registry")
@@ -39,9 +44,17 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--timeout must be positive")
     work_dir = args.work_dir or tempfile.mkdtemp(prefix="obd-record-trace-")
     try:
-        result = record_trace(args.image, args.new_ref, args.command, address=args.address, work_dir=work_dir,
-                              namespace=args.namespace, snapshotter=args.snapshotter, plain_http=args.plain_http,
-                              timeout=args.timeout)
+        result = record_trace(
+            args.image,
+            args.new_ref,
+            args.command,
+            address=args.address,
+            work_dir=work_dir,
+            namespace=args.namespace,
+            snapshotter=args.snapshotter,
+            plain_http=args.plain_http,
+            timeout=args.timeout,
+        )
     except RecordTraceError as e:
         print(f"overlaybd-record-trace: {e}", file=sys.stderr)
         return 1

@@ -15,8 +15,12 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(prog="rpull", description=__doc__)
     ap.add_argument("ref", help="image reference, e.g. registry.example/ns/app:tag")
-    ap.add_argument("-a", "--address", default=os.environ.get("CONTAINERD_ADDRESS", "/run/containerd/containerd.sock"),
-                    help="containerd gRPC socket")
+    ap.add_argument(
+        "-a",
+        "--address",
+        default=os.environ.get("CONTAINERD_ADDRESS", "/run/containerd/containerd.sock"),
+        help="containerd gRPC socket",
+    )
     ap.add_argument("-n", "--namespace", default=os.environ.get("CONTAINERD_NAMESPACE", "default"))
     ap.add_argument("--snapshotter", default="overlaybd")
     ap.add_argument("--plain-http", action="store_true", help="talk HTTP (not HTTPS) to the registry")
@@ -25,8 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
-        top = rpull(args.ref, args.address, namespace=args.namespace, snapshotter=args.snapshotter,
-                    plain_http=args.plain_http)
+        top = rpull(
+            args.ref, args.address, namespace=args.namespace, snapshotter=args.snapshotter, plain_http=args.plain_http
+        )
     except RpullError as e:
         print(f"rpull: {e}", file=sys.stderr)
         return 1

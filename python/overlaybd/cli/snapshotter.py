@@ -11,8 +11,16 @@ import threading
 
 from overlaybd import __version__
 
-LEVELS = {"trace": logging.DEBUG, "debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING,
-          "warning": logging.WARNING, "error": logging.ERROR, "fatal": logging.CRITICAL, "panic": logging.CRITICAL}
+LEVELS = {
+    "trace": logging.DEBUG,
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warn": logging.WARNING,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+    "fatal": logging.CRITICAL,
+    "panic": logging.CRITICAL,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,8 +29,11 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(prog="overlaybd-snapshotter", description=__doc__)
     ap.add_argument("config", nargs="?", default=DEFAULT_PATH, help=f"config.json (default {DEFAULT_PATH})")
-    ap.add_argument("--fuse-socket", default=os.environ.get("OVERLAYBD_FUSE_SOCKET", "/run/overlaybd/fuse.sock"),
-                    help="control socket of the overlaybd daemon's FUSE frontend (hosts without TCMU)")
+    ap.add_argument(
+        "--fuse-socket",
+        default=os.environ.get("OVERLAYBD_FUSE_SOCKET", "/run/overlaybd/fuse.sock"),
+        help="control socket of the overlaybd daemon's FUSE frontend (hosts without TCMU)",
+    )
     ap.add_argument("--version", action="version", version=f"overlaybd-snapshotter {__version__}")
     args = ap.parse_args(argv)
     try:

@@ -16,8 +16,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="overlaybd-tcmu", description=__doc__)
     p.add_argument("config", nargs="?", default=DEFAULT_CONFIG, help="service config (overlaybd.json)")
     p.add_argument("--version", action="version", version=f"overlaybd-tcmu {__version__}")
-    p.add_argument("--frontend", choices=["auto", "tcmu", "fuse"], default="auto",
-                   help="auto: TCMU when target_core_user is available, else FUSE")
+    p.add_argument(
+        "--frontend",
+        choices=["auto", "tcmu", "fuse"],
+        default="auto",
+        help="auto: TCMU when target_core_user is available, else FUSE",
+    )
     p.add_argument("--fuse-socket", default=None, help="control socket of the FUSE frontend")
     p.add_argument("--fuse-run-dir", default=None, help="where FUSE image files are mounted")
     args = p.parse_args(argv)
@@ -38,8 +42,12 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(service)
     if not os.path.exists(args.config):
         logging.getLogger("overlaybd-tcmu").warning("%s missing: using defaults", args.config)
-    return run(service, frontend=args.frontend, fuse_socket=args.fuse_socket or DEFAULT_SOCKET,
-               fuse_run_dir=args.fuse_run_dir or DEFAULT_RUN_DIR)
+    return run(
+        service,
+        frontend=args.frontend,
+        fuse_socket=args.fuse_socket or DEFAULT_SOCKET,
+        fuse_run_dir=args.fuse_run_dir or DEFAULT_RUN_DIR,
+    )
 
 
 if __name__ == "__main__":

@@ -106,4 +106,3 @@ def zfile_tool(args) -> int:
         for c in closers:
             c.close()
     return 0
-

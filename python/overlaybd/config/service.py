@@ -152,8 +152,13 @@ SERVICE = Section(
                 Setting("updateInterval", "int", 60000000, "metrics update interval, microseconds"),
             ),
         ),
-        Setting("registryFsVersion", "str", "v2", "registry client flavour (`v1` or `v2`; same behaviour here)",
-                _one_of("v1", "v2")),
+        Setting(
+            "registryFsVersion",
+            "str",
+            "v2",
+            "registry client flavour (`v1` or `v2`; same behaviour here)",
+            _one_of("v1", "v2"),
+        ),
         Section(
             "prefetchConfig",
             "PrefetchConfig",

@@ -35,7 +35,7 @@ def _quota(v: str) -> str | None:
     if v == "":
         return None
     num = v[:-1] if v[-1:].lower() in ("k", "m", "g", "t") else v
-    return None if num.isdigit() else f"must be a size like \"20g\"; got {json.dumps(v)}"
+    return None if num.isdigit() else f'must be a size like "20g"; got {json.dumps(v)}'
 
 
 SETTINGS: tuple[Setting, ...] = (
@@ -46,10 +46,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("asyncRemove", "bool", False, "defer directory removal to Cleanup"),
     Setting("rwMode", "str", "overlayfs", "container rootfs: `overlayfs`, `dir` or `dev`", _one_of(*RW_MODES)),
     Setting("autoRemoveDev", "bool", False, "detach a layer device when its last container is removed"),
-    Setting("writableLayerType", "str", "append", "writable layer: `append` or `sparse`",
-            _one_of(*WRITABLE_LAYER_TYPES)),
+    Setting(
+        "writableLayerType", "str", "append", "writable layer: `append` or `sparse`", _one_of(*WRITABLE_LAYER_TYPES)
+    ),
     Setting("defaultFsType", "str", "ext4", "filesystem when a layer has no blob-fs-type label"),
-    Setting("rootfsQuota", "str", "", "overlayfs-mode rootfs quota such as \"20g\" (accepted, not enforced)", _quota),
+    Setting("rootfsQuota", "str", "", 'overlayfs-mode rootfs quota such as "20g" (accepted, not enforced)', _quota),
     Setting("tenant", "int", -1, "HBA number / NAA prefix override (-1: HBA 999999999, prefix 199)"),
     Setting("runtimeType", "str", "containerd", "`containerd` or `docker`", _one_of("containerd", "docker")),
 )

@@ -83,8 +83,7 @@ def writable_device(config: str, work: str) -> Iterator[str]:
         dev.stop()
 
 
-def build_layer(index: int, layer_stream: Any, layer_name: str, lowers: list[str], work: str,
-                opts: Options) -> str:
+def build_layer(index: int, layer_stream: Any, layer_name: str, lowers: list[str], work: str, opts: Options) -> str:
     """Apply one OCI layer onto a new writable overlaybd layer over `lowers`; returns the committed blob path."""
     from ..cli.commit import main as commit_main
     from ..format import lsmt
@@ -94,8 +93,11 @@ def build_layer(index: int, layer_stream: Any, layer_name: str, lowers: list[str
     data, idx = os.path.join(d, "writable_data"), os.path.join(d, "writable_index")
     lsmt.create_rw(data, idx, opts.vsize_gb << 30).close()
     config = os.path.join(d, "config.v1.json")
-    cfg = {"lowers": [{"file": p} for p in lowers], "upper": {"index": idx, "data": data},
-           "resultFile": os.path.join(d, "init-debug.log")}
+    cfg = {
+        "lowers": [{"file": p} for p in lowers],
+        "upper": {"index": idx, "data": data},
+        "resultFile": os.path.join(d, "init-debug.log"),
+    }
     with open(config, "w") as f:
         json.dump(cfg, f)
     with writable_device(config, work) as dev:
@@ -123,8 +125,15 @@ def build_layer(index: int, layer_stream: Any, layer_name: str, lowers: list[str
     return out
 
 
-def convert_layout(src: Layout, dst: Layout, dst_name: str, *, src_name: str | None = None,
-                   opts: Options | None = None, work_dir: str | None = None) -> str:
+def convert_layout(
+    src: Layout,
+    dst: Layout,
+    dst_name: str,
+    *,
+    src_name: str | None = None,
+    opts: Options | None = None,
+    work_dir: str | None = None,
+) -> str:
     """Convert the image `src_name` of `src` into `dst` tagged `dst_name`; returns the manifest digest."""
     opts = opts or Options()
     image = src.source(src_name)
@@ -141,17 +150,19 @@ def convert_layout(src: Layout, dst: Layout, dst_name: str, *, src_name: str | N
             kept = os.path.join(work, f"committed{i}")
             shutil.copyfile(dst.blob_path(digest), kept)  # next layers read it as a lower
             lowers.append(kept)
-            layers.append({
-                "mediaType": MT_OCI_LAYER if opts.oci else MT_DOCKER_LAYER,
-                "digest": digest,
-                "size": size,
-                "annotations": {
-                    LABEL_PREFIX + "version": VERSION,
-                    LABEL_PREFIX + "blob-digest": digest,
-                    LABEL_PREFIX + "blob-size": str(size),
-                    LABEL_PREFIX + "blob-fs-type": opts.fstype,
-                },
-            })
+            layers.append(
+                {
+                    "mediaType": MT_OCI_LAYER if opts.oci else MT_DOCKER_LAYER,
+                    "digest": digest,
+                    "size": size,
+                    "annotations": {
+                        LABEL_PREFIX + "version": VERSION,
+                        LABEL_PREFIX + "blob-digest": digest,
+                        LABEL_PREFIX + "blob-size": str(size),
+                        LABEL_PREFIX + "blob-fs-type": opts.fstype,
+                    },
+                }
+            )
         config = dict(image.config)
         config["rootfs"] = {"type": "layers", "diff_ids": [ly["digest"] for ly in layers]}
         config.pop("history", None)  # history entries would no longer line up with the layers
@@ -159,8 +170,7 @@ def convert_layout(src: Layout, dst: Layout, dst_name: str, *, src_name: str | N
         manifest = {
             "schemaVersion": 2,
             "mediaType": MT_OCI_MANIFEST if opts.oci else MT_DOCKER_MANIFEST,
-            "config": {"mediaType": MT_OCI_CONFIG if opts.oci else MT_DOCKER_CONFIG, "digest": cdigest,
-                       "size": csize},
+            "config": {"mediaType": MT_OCI_CONFIG if opts.oci else MT_DOCKER_CONFIG, "digest": cdigest, "size": csize},
             "layers": layers,
         }
         mdigest, msize = dst.put_bytes(json.dumps(manifest).encode())

@@ -65,7 +65,7 @@ def apply_layer(stream: IO[bytes], root: str, layer_name: str = "<layer>") -> in
                         _remove(os.path.join(d, child))
                 continue
             if base.startswith(WHITEOUT):
-                _remove(os.path.join(os.path.dirname(target), base[len(WHITEOUT):]))
+                _remove(os.path.join(os.path.dirname(target), base[len(WHITEOUT) :]))
                 continue
             if m.islnk():
                 link = _clean(m.linkname, layer_name)

@@ -82,11 +82,17 @@ class Layout:
         """The image manifest (resolving an index to `platform`) named `name`, or the only one."""
         manifests = self.index().get("manifests", [])
         if name:
-            manifests = [m for m in manifests if name in (m.get("annotations", {}).get(NAME_ANNOTATION),
-                                                          m.get("annotations", {}).get(REF_ANNOTATION))]
+            manifests = [
+                m
+                for m in manifests
+                if name in (m.get("annotations", {}).get(NAME_ANNOTATION), m.get("annotations", {}).get(REF_ANNOTATION))
+            ]
         if len(manifests) != 1:
-            raise LayoutError(str(self.path / "index.json"), "manifests",
-                              f"expected one image{f' named {name!r}' if name else ''}, found {len(manifests)}")
+            raise LayoutError(
+                str(self.path / "index.json"),
+                "manifests",
+                f"expected one image{f' named {name!r}' if name else ''}, found {len(manifests)}",
+            )
         desc = manifests[0]
         doc = self.read_json(desc["digest"], "manifest")
         if doc.get("mediaType", desc.get("mediaType")) in (MT_OCI_INDEX, MT_DOCKER_LIST) or "manifests" in doc:
@@ -151,7 +157,13 @@ class Layout:
         idx = self.index()
         ref = name.rsplit(":", 1)[-1] if ":" in name.rsplit("/", 1)[-1] else name
         keep = [m for m in idx.get("manifests", []) if m.get("annotations", {}).get(NAME_ANNOTATION) != name]
-        keep.append({"mediaType": media_type, "digest": digest, "size": size,
-                     "annotations": {NAME_ANNOTATION: name, REF_ANNOTATION: ref}})
+        keep.append(
+            {
+                "mediaType": media_type,
+                "digest": digest,
+                "size": size,
+                "annotations": {NAME_ANNOTATION: name, REF_ANNOTATION: ref},
+            }
+        )
         idx["manifests"] = keep
         atomic_write_bytes(self.path / "index.json", json.dumps(idx, indent=2).encode())

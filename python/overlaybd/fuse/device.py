@@ -33,8 +33,16 @@ def default_opener(service: Any = None) -> ImageOpener:
 class FuseDevice:
     """config.v1.json -> image -> FUSE file `<run_dir>/<dev_id>.img` -> /dev/loopN."""
 
-    def __init__(self, config_path: str, dev_id: str, run_dir: str, opener: ImageOpener, *,
-                 read_only: bool = False, threads: int = 8):
+    def __init__(
+        self,
+        config_path: str,
+        dev_id: str,
+        run_dir: str,
+        opener: ImageOpener,
+        *,
+        read_only: bool = False,
+        threads: int = 8,
+    ):
         self.config_path = config_path
         self.dev_id = dev_id
         self.file = os.path.join(run_dir, f"{dev_id}.img")
@@ -56,8 +64,13 @@ class FuseDevice:
         except BaseException:
             self.stop()
             raise
-        log.info("fuse device %s: %s -> %s (%s)", self.dev_id, self.config_path, self.device,
-                 "ro" if self.server.read_only else "rw")
+        log.info(
+            "fuse device %s: %s -> %s (%s)",
+            self.dev_id,
+            self.config_path,
+            self.device,
+            "ro" if self.server.read_only else "rw",
+        )
         return self.device
 
     def stop(self) -> None:

@@ -211,8 +211,17 @@ class FuseFileServer:
                 raise OSError(errno.EPROTO, f"kernel FUSE major {major}")
             want = flags & (P.ASYNC_READ | P.BIG_WRITES | P.MAX_PAGES)
             out = P.INIT_OUT.pack(
-                P.KERNEL_MAJOR, min(minor, P.OUR_MINOR), max_readahead, want, 64, 48, MAX_WRITE, 1,
-                MAX_WRITE // 4096, 0, 0,
+                P.KERNEL_MAJOR,
+                min(minor, P.OUR_MINOR),
+                max_readahead,
+                want,
+                64,
+                48,
+                MAX_WRITE,
+                1,
+                MAX_WRITE // 4096,
+                0,
+                0,
             )
             self._send(unique, out)
         elif opcode == P.DESTROY:

@@ -57,8 +57,11 @@ class Ext4:
         if incompat & INCOMPAT_64BIT:
             self.desc_size = struct.unpack_from("<H", sb, 254)[0] or 32
         if not self.inodes_per_group or self.inode_size < 128 or self.inode_size > self.block_size:
-            raise FormatError(name, "ext4 superblock.s_inodes_per_group/s_inode_size",
-                              f"{self.inodes_per_group}/{self.inode_size} are not usable")
+            raise FormatError(
+                name,
+                "ext4 superblock.s_inodes_per_group/s_inode_size",
+                f"{self.inodes_per_group}/{self.inode_size} are not usable",
+            )
         if self.desc_size < 32 or self.desc_size > 1024:
             raise FormatError(name, "ext4 superblock.s_desc_size", f"{self.desc_size} is not usable")
         self.gdt_offset = (self.first_data_block + 1) * self.block_size
@@ -149,8 +152,11 @@ class Ext4:
                 while i + 8 <= bs:
                     child, rec_len, name_len, ftype = struct.unpack_from("<IHBB", block, i)
                     if rec_len < 8 or i + rec_len > bs or 8 + name_len > rec_len:
-                        raise FormatError(self.name, f"ext4 directory {ino} entry rec_len",
-                                          f"{rec_len} at byte {i} of block {pos // bs}")
+                        raise FormatError(
+                            self.name,
+                            f"ext4 directory {ino} entry rec_len",
+                            f"{rec_len} at byte {i} of block {pos // bs}",
+                        )
                     if child:
                         name = block[i + 8 : i + 8 + name_len].decode("utf-8", "surrogateescape")
                         if name not in (".", ".."):

@@ -179,24 +179,24 @@ class TraceRecorder:
         try:
             atomic_write_bytes(self.lock_path, b"")
         except OSError as e:
-            log.warning("%s: recordTracePath: cannot create %s: %s; not recording", self.image_name,
-                        self.lock_path, e)
+            log.warning("%s: recordTracePath: cannot create %s: %s; not recording", self.image_name, self.lock_path, e)
             return False
         self._started = True
         self._set_sink(self._records)
         interval = LOCK_POLL_SECONDS if poll_seconds is None else poll_seconds
-        self._watcher = threading.Thread(target=self._watch_lock, args=(interval,), name="obd-trace-lock",
-                                         daemon=True)
+        self._watcher = threading.Thread(target=self._watch_lock, args=(interval,), name="obd-trace-lock", daemon=True)
         self._watcher.start()
-        log.info("%s: recording a prefetch trace into %s (remove %s to stop)", self.image_name, self.path,
-                 self.lock_path)
+        log.info(
+            "%s: recording a prefetch trace into %s (remove %s to stop)", self.image_name, self.path, self.lock_path
+        )
         return True
 
     def _watch_lock(self, interval: float) -> None:
         while not self._stopped.wait(interval):
             if len(self._records) >= MAX_RECORDS:
-                log.warning("%s: recordTracePath: %d records reached; trace recording stops", self.image_name,
-                            MAX_RECORDS)
+                log.warning(
+                    "%s: recordTracePath: %d records reached; trace recording stops", self.image_name, MAX_RECORDS
+                )
                 self.stop()
                 return
             if not os.path.exists(self.lock_path):
@@ -326,8 +326,15 @@ class BackgroundReader:
         self._work()
         for w in workers:
             w.join()
-        log.info("%s: %s %s replayed: %d pieces, %d bytes, %d errors", self.image_name, self.kind, self.path,
-                 self.pieces_read, self.bytes_read, self.errors)
+        log.info(
+            "%s: %s %s replayed: %d pieces, %d bytes, %d errors",
+            self.image_name,
+            self.kind,
+            self.path,
+            self.pieces_read,
+            self.bytes_read,
+            self.errors,
+        )
 
     def _next(self) -> tuple[int, int, int] | None:
         with self._lock:
@@ -352,8 +359,9 @@ class BackgroundReader:
                     self.errors += 1
                     first = self.errors == 1
                 if first:
-                    log.warning("%s: prefetch read of source %d [%d, +%d) failed: %s", self.image_name, src,
-                                offset, count, e)
+                    log.warning(
+                        "%s: prefetch read of source %d [%d, +%d) failed: %s", self.image_name, src, offset, count, e
+                    )
                 continue
             with self._lock:
                 self.pieces_read += 1
@@ -379,7 +387,10 @@ class TraceReplayer(BackgroundReader):
     kind = "prefetch trace"
 
     def __init__(
-        self, trace_path: str, files: Sequence[RandomAccessFile], concurrency: int = DEFAULT_CONCURRENCY,
+        self,
+        trace_path: str,
+        files: Sequence[RandomAccessFile],
+        concurrency: int = DEFAULT_CONCURRENCY,
         image_name: str = "<image>",
     ) -> None:
         super().__init__(trace_path, files, concurrency, image_name)
@@ -426,8 +437,9 @@ class PriorityListReplayer(BackgroundReader):
 
     kind = "priority list"
 
-    def __init__(self, list_path: str, image: Any, concurrency: int = DEFAULT_CONCURRENCY,
-                 image_name: str = "<image>") -> None:
+    def __init__(
+        self, list_path: str, image: Any, concurrency: int = DEFAULT_CONCURRENCY, image_name: str = "<image>"
+    ) -> None:
         super().__init__(list_path, [image], concurrency, image_name)
         self.missing: list[str] = []
 
@@ -442,8 +454,9 @@ class PriorityListReplayer(BackgroundReader):
         try:
             fs = Ext4(image.pread, self.image_name, vsize)
         except FormatError as e:
-            log.warning("%s: priority list %s not replayed: only ext4 images are supported: %s", self.image_name,
-                        self.path, e)
+            log.warning(
+                "%s: priority list %s not replayed: only ext4 images are supported: %s", self.image_name, self.path, e
+            )
             return None
         return self._pieces_of(fs, entries, vsize)
 

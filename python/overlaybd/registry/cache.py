@@ -70,8 +70,7 @@ class CacheEntry:
 class BlockCache:
     """All cached blobs under one directory, with a capacity shared by this process's readers."""
 
-    def __init__(self, cache_dir: str, capacity: int, refill_size: int = 262144,
-                 audit: AuditLog | None = None) -> None:
+    def __init__(self, cache_dir: str, capacity: int, refill_size: int = 262144, audit: AuditLog | None = None) -> None:
         if refill_size <= 0 or refill_size % PAGE or refill_size & (refill_size - 1):
             raise ValueError(f"cacheConfig.refillSize: must be a power of 2 and a multiple of 4096, got {refill_size}")
         self.dir = cache_dir
@@ -175,8 +174,13 @@ class BlockCache:
             self.used = used
             if freed:
                 METRICS.add("evicted_bytes", freed)
-                self.audit.event("eviction", actualEvict=freed, evictByCache=freed if reason == "cache" else 0,
-                                 evictByDisk=freed if reason == "disk" else 0, totalUsed_=used)
+                self.audit.event(
+                    "eviction",
+                    actualEvict=freed,
+                    evictByCache=freed if reason == "cache" else 0,
+                    evictByDisk=freed if reason == "disk" else 0,
+                    totalUsed_=used,
+                )
             return freed
 
     def remove(self, digest: str) -> None:
@@ -242,8 +246,11 @@ class BlobStore:
         try:
             hdr = os.pread(self.meta_fd, HEADER_SIZE, 0)
             want = HEADER.pack(MAGIC, PAGE, 0, self.size, self.digest.encode()[:96]).ljust(HEADER_SIZE, b"\0")
-            same = len(hdr) == HEADER_SIZE and hdr[:GEN_OFFSET] == want[:GEN_OFFSET] and \
-                hdr[GEN_OFFSET + 4 :] == want[GEN_OFFSET + 4 :]
+            same = (
+                len(hdr) == HEADER_SIZE
+                and hdr[:GEN_OFFSET] == want[:GEN_OFFSET]
+                and hdr[GEN_OFFSET + 4 :] == want[GEN_OFFSET + 4 :]
+            )
             if not same:
                 if hdr:
                     log.warning("cache %s: header does not match this blob; starting it afresh", self.digest)

@@ -72,8 +72,14 @@ class CachedBlob:
         st = self.store
         gen = st.gen
         genv = st.genv
-        if (end <= self._size and n and genv[0] == gen and st.verified.find(0, offset >> 12, (end + 4095) >> 12) < 0
-                and _preadv(st.data_fd, [buf], offset) == n and genv[0] == gen):
+        if (
+            end <= self._size
+            and n
+            and genv[0] == gen
+            and st.verified.find(0, offset >> 12, (end + 4095) >> 12) < 0
+            and _preadv(st.data_fd, [buf], offset) == n
+            and genv[0] == gen
+        ):
             METRICS.cache_hits += 1  # unlocked on purpose: hot path; a lost increment is harmless
             if offset == self._seq_end:
                 self._seq_end = end
@@ -223,8 +229,9 @@ class CachedBlob:
             self._done(p)
             self._unref(p)
             raise
-        self.audit.event("download", pathname=self.name, offset=p.start, size=got,
-                         latency=int((time.monotonic() - t0) * 1e6))
+        self.audit.event(
+            "download", pathname=self.name, offset=p.start, size=got, latency=int((time.monotonic() - t0) * 1e6)
+        )
         p.buf = buf
         p.data = data
         p.ready.set()
@@ -295,8 +302,7 @@ class CachedBlob:
                     if not st.read_verified(blk, tmp):
                         got = self.fetch(blk, tmp)
                         if got != len(tmp):
-                            raise OSError(errno.EIO,
-                                          f"{self.name}: source returned {got} of {len(tmp)} bytes at {blk}")
+                            raise OSError(errno.EIO, f"{self.name}: source returned {got} of {len(tmp)} bytes at {blk}")
                     self._copy_out(view, offset, blk, tmp)
         finally:
             for p in waits:

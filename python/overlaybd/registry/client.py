@@ -44,8 +44,9 @@ MAX_BLOB_IN_MEMORY = 64 << 20  # get_blob() is for configs and small files
 class RegistryError(OSError):
     """A registry request failed for good. errno: EPERM auth, ENOENT not found, EBUSY 429, EIO otherwise."""
 
-    def __init__(self, registry: str, repository: str, digest: str, status: int, message: str,
-                 code: int = errno.EIO) -> None:
+    def __init__(
+        self, registry: str, repository: str, digest: str, status: int, message: str, code: int = errno.EIO
+    ) -> None:
         self.registry = registry
         self.repository = repository
         self.digest = digest
@@ -93,8 +94,14 @@ class _Redirect:
 class RegistryClient:
     """Talks to OCI registries on behalf of one service configuration (overlaybd.json)."""
 
-    def __init__(self, service: Any = None, *, retry_budget: float = 30.0, transport: HttpTransport | None = None,
-                 p2p_address: str | None = None) -> None:
+    def __init__(
+        self,
+        service: Any = None,
+        *,
+        retry_budget: float = 30.0,
+        transport: HttpTransport | None = None,
+        p2p_address: str | None = None,
+    ) -> None:
         if service is None:
             from ..config.service import default_service_config
 
@@ -155,14 +162,30 @@ class RegistryClient:
             raise RegistryError(registry, repository, "", 0, f"token endpoint {turl}: {e}") from None
         if resp.status != 200:
             who = f"user {cred.username!r}" if cred else "anonymous"
-            raise RegistryError(registry, repository, "", resp.status,
-                                f"token endpoint refused ({who}): {turl}", _errno_for(resp.status))
+            raise RegistryError(
+                registry,
+                repository,
+                "",
+                resp.status,
+                f"token endpoint refused ({who}): {turl}",
+                _errno_for(resp.status),
+            )
         tok, life = parse_token_response(resp.body)
         self.tokens.put(turl, tok, life)
         return tok
 
-    def _send(self, loc_registry: str, repository: str, method: str, url: str, headers: list[str], *,
-              sink: memoryview | None = None, limit: int = 8 << 20, digest: str = "") -> Response:
+    def _send(
+        self,
+        loc_registry: str,
+        repository: str,
+        method: str,
+        url: str,
+        headers: list[str],
+        *,
+        sink: memoryview | None = None,
+        limit: int = 8 << 20,
+        digest: str = "",
+    ) -> Response:
         """One logical request to the registry: auth challenge handled, redirects followed without auth."""
         auth = self._auth_header(loc_registry, repository, url, refresh=False)
         rounds = 0  # 401 without auth -> authenticate; 401 with a (stale) token -> refresh once more
@@ -187,15 +210,15 @@ class RegistryClient:
                 break
             hops += 1
             same = urlsplit(target).netloc == urlsplit(url).netloc
-            resp = self.transport.request(method, target, headers + ([auth] if auth and same else []),
-                                          sink=sink, limit=limit)
+            resp = self.transport.request(
+                method, target, headers + ([auth] if auth and same else []), sink=sink, limit=limit
+            )
             resp.url = target
         return resp
 
     # ------------------------------------------------------------- manifests
 
-    def get_manifest(self, ref: ImageReference | str, platform: str = "linux/amd64",
-                     scheme: str = "https") -> Manifest:
+    def get_manifest(self, ref: ImageReference | str, platform: str = "linux/amd64", scheme: str = "https") -> Manifest:
         """The image manifest for `ref`; an index/manifest list is resolved to `platform` (os/arch[/variant])."""
         r = parse_reference(ref) if isinstance(ref, str) else ref
         m = self._fetch_manifest(r, r.reference, scheme)
@@ -206,24 +229,31 @@ class RegistryClient:
                 have = [p.get("os", ""), p.get("architecture", "")] + ([p["variant"]] if p.get("variant") else [])
                 if have[: len(want)] == want or (len(want) == 2 and have[:2] == want):
                     return self._fetch_manifest(r, entry["digest"], scheme)
-            raise RegistryError(r.registry, r.repository, m.digest, 200, f"index has no manifest for {platform}",
-                                errno.ENOENT)
+            raise RegistryError(
+                r.registry, r.repository, m.digest, 200, f"index has no manifest for {platform}", errno.ENOENT
+            )
         return m
 
     def _fetch_manifest(self, r: ImageReference, reference: str, scheme: str) -> Manifest:
         url = f"{scheme}://{r.registry}/v2/{r.repository}/manifests/{reference}"
-        resp = self._retrying(r.registry, r.repository, reference, lambda: self._send(
-            r.registry, r.repository, "GET", url, ["Accept: " + ", ".join(MANIFEST_ACCEPT)]))
+        resp = self._retrying(
+            r.registry,
+            r.repository,
+            reference,
+            lambda: self._send(r.registry, r.repository, "GET", url, ["Accept: " + ", ".join(MANIFEST_ACCEPT)]),
+        )
         body = resp.body
         digest = "sha256:" + hashlib.sha256(body).hexdigest()
         if reference.startswith("sha256:") and digest != reference:
-            raise RegistryError(r.registry, r.repository, reference, resp.status,
-                                f"manifest content hashes to {digest}")
+            raise RegistryError(
+                r.registry, r.repository, reference, resp.status, f"manifest content hashes to {digest}"
+            )
         try:
             doc = json.loads(body)
         except ValueError as e:
-            raise RegistryError(r.registry, r.repository, reference, resp.status,
-                                f"manifest is not JSON: {e}") from None
+            raise RegistryError(
+                r.registry, r.repository, reference, resp.status, f"manifest is not JSON: {e}"
+            ) from None
         if not isinstance(doc, dict):
             raise RegistryError(r.registry, r.repository, reference, resp.status, "manifest is not a JSON object")
         media = doc.get("mediaType") or resp.header("content-type").split(";")[0].strip()
@@ -241,13 +271,18 @@ class RegistryClient:
     def blob_url(cls, ref: ImageReference | str, digest: str, scheme: str = "https") -> str:
         return cls.repo_blob_url(ref, scheme) + "/" + digest
 
-    def get_blob(self, ref: ImageReference | str, digest: str, scheme: str = "https",
-                 limit: int = MAX_BLOB_IN_MEMORY) -> bytes:
+    def get_blob(
+        self, ref: ImageReference | str, digest: str, scheme: str = "https", limit: int = MAX_BLOB_IN_MEMORY
+    ) -> bytes:
         """A whole (small) blob, digest-verified."""
         r = parse_reference(ref) if isinstance(ref, str) else ref
         loc = BlobLocation(scheme, r.registry, r.repository, digest)
-        resp = self._retrying(loc.registry, loc.repository, digest,
-                              lambda: self._send(loc.registry, loc.repository, "GET", loc.url, [], limit=limit))
+        resp = self._retrying(
+            loc.registry,
+            loc.repository,
+            digest,
+            lambda: self._send(loc.registry, loc.repository, "GET", loc.url, [], limit=limit),
+        )
         got = "sha256:" + hashlib.sha256(resp.body).hexdigest()
         if digest.startswith("sha256:") and got != digest:
             raise RegistryError(loc.registry, loc.repository, digest, resp.status, f"content hashes to {got}")
@@ -259,8 +294,12 @@ class RegistryClient:
     def blob_size(self, loc: BlobLocation) -> int:
         """Total size from `Content-Range` of a one-byte range request (else Content-Length)."""
         one = memoryview(bytearray(1))
-        resp = self._retrying(loc.registry, loc.repository, loc.digest,
-                              lambda: self._check(loc, self._range_once(loc, 0, one), 1, allow_short=True))
+        resp = self._retrying(
+            loc.registry,
+            loc.repository,
+            loc.digest,
+            lambda: self._check(loc, self._range_once(loc, 0, one), 1, allow_short=True),
+        )
         cr = resp.header("content-range")
         if "/" in cr and cr.rsplit("/", 1)[1].strip().isdigit():
             return int(cr.rsplit("/", 1)[1])
@@ -275,8 +314,12 @@ class RegistryClient:
         if want == 0:
             return 0
         t0 = time.monotonic()
-        resp = self._retrying(loc.registry, loc.repository, loc.digest,
-                              lambda: self._check(loc, self._range_once(loc, offset, view), want))
+        resp = self._retrying(
+            loc.registry,
+            loc.repository,
+            loc.digest,
+            lambda: self._check(loc, self._range_once(loc, offset, view), want),
+        )
         METRICS.fetched(resp.nbytes, time.monotonic() - t0)
         return resp.nbytes
 
@@ -349,10 +392,15 @@ class RegistryClient:
             floor = 0.0  # server-requested minimum pause (Retry-After)
             try:
                 resp = op()
-                if isinstance(resp, Response) and resp.status >= 400 and resp.status not in (429,) \
-                        and resp.status < 500:
-                    msg = {401: "authentication failed", 403: "access denied", 404: "not found"}.get(resp.status,
-                                                                                                  "failed")
+                if (
+                    isinstance(resp, Response)
+                    and resp.status >= 400
+                    and resp.status not in (429,)
+                    and resp.status < 500
+                ):
+                    msg = {401: "authentication failed", 403: "access denied", 404: "not found"}.get(
+                        resp.status, "failed"
+                    )
                     raise RegistryError(registry, repository, digest, resp.status, msg, _errno_for(resp.status))
                 if isinstance(resp, Response) and (resp.status >= 500 or resp.status == 429):
                     raise _Retryable(resp.status, "server error", _retry_after(resp))
@@ -373,10 +421,22 @@ class RegistryClient:
             pause = max(floor, delay * (0.5 + random.random() / 2))
             if now + pause > deadline:
                 METRICS.error("gave_up")
-                raise RegistryError(registry, repository, digest, status,
-                                    f"gave up after {attempt} attempts in {self.retry_budget:.0f}s: {why}")
-            log.info("registry %s/%s@%s: attempt %d failed (%s); retrying in %.2fs", registry, repository, digest,
-                     attempt, why, pause)
+                raise RegistryError(
+                    registry,
+                    repository,
+                    digest,
+                    status,
+                    f"gave up after {attempt} attempts in {self.retry_budget:.0f}s: {why}",
+                )
+            log.info(
+                "registry %s/%s@%s: attempt %d failed (%s); retrying in %.2fs",
+                registry,
+                repository,
+                digest,
+                attempt,
+                why,
+                pause,
+            )
             time.sleep(pause)
             delay = min(delay * 2, 2.0)
 

@@ -94,8 +94,16 @@ def match_auths(source: str, auths: Any, url: str) -> Credential | None:
 class CredentialProvider:
     """Resolves a Credential for a URL from the configured source (re-read on every call)."""
 
-    def __init__(self, mode: str, path: str, timeout: int = 1, client_cert: str = "", client_key: str = "",
-                 server_ca: str = "", transport: Any = None) -> None:
+    def __init__(
+        self,
+        mode: str,
+        path: str,
+        timeout: int = 1,
+        client_cert: str = "",
+        client_key: str = "",
+        server_ca: str = "",
+        transport: Any = None,
+    ) -> None:
         self.mode = mode or "file"
         self.path = path
         self.timeout = max(1, timeout)
@@ -105,8 +113,15 @@ class CredentialProvider:
     @classmethod
     def from_service(cls, service: Any, transport: Any = None) -> CredentialProvider:
         cc = service.credential_config
-        return cls(cc.mode, cc.path or service.credential_file_path, cc.timeout, cc.client_cert_path,
-                   cc.client_key_path, cc.server_ca_path, transport)
+        return cls(
+            cc.mode,
+            cc.path or service.credential_file_path,
+            cc.timeout,
+            cc.client_cert_path,
+            cc.client_key_path,
+            cc.server_ca_path,
+            transport,
+        )
 
     def lookup(self, url: str) -> Credential | None:
         if not self.path:

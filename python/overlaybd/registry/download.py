@@ -170,8 +170,9 @@ def download_layer(f: Any, cfg: Any, audit: AuditLog, cancelled: Any = lambda: F
                 done = 0
                 while done < n:
                     done += os.pwrite(fd, view[done:], off + done)
-                audit.event("bk_download", pathname=f.name, offset=off, size=n,
-                            latency=int((time.monotonic() - t0) * 1e6))
+                audit.event(
+                    "bk_download", pathname=f.name, offset=off, size=n, latency=int((time.monotonic() - t0) * 1e6)
+                )
                 METRICS.add("bk_download_bytes", n)
                 fetched += n
                 ahead = fetched / rate - (time.monotonic() - t_start)  # throttle what we fetch to maxMBps
@@ -182,8 +183,9 @@ def download_layer(f: Any, cfg: Any, audit: AuditLog, cancelled: Any = lambda: F
         got_hex = h.hexdigest()
         if got_hex != want:
             _discard(partial)
-            raise DigestMismatch(f"{f.name}: downloaded content hashes to sha256:{got_hex}, expected {f.digest}; "
-                                 f"discarded {partial}")
+            raise DigestMismatch(
+                f"{f.name}: downloaded content hashes to sha256:{got_hex}, expected {f.digest}; discarded {partial}"
+            )
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -194,8 +196,9 @@ def download_layer(f: Any, cfg: Any, audit: AuditLog, cancelled: Any = lambda: F
     finally:
         os.close(dfd)
     f.switch_to(target)
-    log.info("background download of %s finished: %d bytes fetched, %d resumed from %s", f.name, fetched, reused,
-             partial)
+    log.info(
+        "background download of %s finished: %d bytes fetched, %d resumed from %s", f.name, fetched, reused, partial
+    )
     return target
 
 

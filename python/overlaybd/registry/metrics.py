@@ -64,13 +64,21 @@ class Metrics:
             counter("overlaybd_registry_requests_total", "Blob range requests completed.", self.requests)
             counter("overlaybd_cache_hits_total", "Reads served entirely from the block cache.", self.cache_hits)
             counter("overlaybd_cache_misses_total", "Reads that needed a registry fetch.", self.cache_misses)
-            counter("overlaybd_cache_corrupt_blocks_total", "Cached pages dropped for a bad checksum.",
-                    self.cache_corrupt_blocks)
+            counter(
+                "overlaybd_cache_corrupt_blocks_total",
+                "Cached pages dropped for a bad checksum.",
+                self.cache_corrupt_blocks,
+            )
             counter("overlaybd_cache_evicted_bytes_total", "Bytes evicted from the block cache.", self.evicted_bytes)
-            counter("overlaybd_background_download_bytes_total", "Bytes written by background download.",
-                    self.bk_download_bytes)
-            out.append("# HELP overlaybd_registry_errors_total Registry request failures by kind.\n"
-                       "# TYPE overlaybd_registry_errors_total counter\n")
+            counter(
+                "overlaybd_background_download_bytes_total",
+                "Bytes written by background download.",
+                self.bk_download_bytes,
+            )
+            out.append(
+                "# HELP overlaybd_registry_errors_total Registry request failures by kind.\n"
+                "# TYPE overlaybd_registry_errors_total counter\n"
+            )
             for kind, n in sorted(self.errors.items()):
                 out.append(f'overlaybd_registry_errors_total{{kind="{kind}"}} {n}\n')
             name = "overlaybd_registry_request_seconds"

@@ -53,8 +53,9 @@ class DirectBlob:
 class RemoteBlobFile:
     """A registry blob that switches to a local copy once background download has verified one."""
 
-    def __init__(self, url: str, client: RegistryClient, loc: BlobLocation, size: int, remote: Any,
-                 layer_dir: str = "") -> None:
+    def __init__(
+        self, url: str, client: RegistryClient, loc: BlobLocation, size: int, remote: Any, layer_dir: str = ""
+    ) -> None:
         self.name = url
         self.client = client
         self.loc = loc

@@ -230,4 +230,3 @@ class HttpTransport:
             for c in self._handles:
                 c.close()
             self._handles.clear()
-

@@ -62,13 +62,16 @@ class FuseControlBackend:
         if current is not None:
             return current
         try:
-            reply = self._request({"op": "attach", "config": sd.config, "dev_id": self.dev_id(sd),
-                                   "read_only": not writable})
+            reply = self._request(
+                {"op": "attach", "config": sd.config, "dev_id": self.dev_id(sd), "read_only": not writable}
+            )
         except RuntimeError as e:
             reason = _result_reason(sd)
             detail = reason.removeprefix("failed:")
-            raise Unavailable(f"failed to attach overlaybd device for {sd.config}: {e}"
-                              + (f" ({reason})" if detail and detail not in str(e) else "")) from e
+            raise Unavailable(
+                f"failed to attach overlaybd device for {sd.config}: {e}"
+                + (f" ({reason})" if detail and detail not in str(e) else "")
+            ) from e
         dev = reply["device"]
         with open(sd.backstore_mark, "w") as f:
             f.write(dev)
@@ -120,8 +123,9 @@ class TcmuBackend:
         except (OSError, configfs.ConfigfsError) as e:
             reason = _result_reason(sd)
             self.detach(sd)
-            raise Unavailable(f"failed to attach overlaybd device for {sd.config}: {e}"
-                              + (f" ({reason})" if reason else "")) from e
+            raise Unavailable(
+                f"failed to attach overlaybd device for {sd.config}: {e}" + (f" ({reason})" if reason else "")
+            ) from e
         with open(sd.backstore_mark, "w") as f:
             f.write(path)
         return path

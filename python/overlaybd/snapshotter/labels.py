@@ -39,8 +39,10 @@ def validate(labels: dict[str, str]) -> None:
         if not k:
             raise InvalidArgument("label key must not be empty: invalid argument")
         if len(k.encode()) + len(v.encode()) > MAX_LABEL_BYTES:
-            raise InvalidArgument(f"label key and value greater than maximum size ({MAX_LABEL_BYTES} bytes), "
-                                  f"key: {k[:64]}: invalid argument")
+            raise InvalidArgument(
+                f"label key and value greater than maximum size ({MAX_LABEL_BYTES} bytes), "
+                f"key: {k[:64]}: invalid argument"
+            )
     digest = labels.get(BLOB_DIGEST)
     if digest is not None and not DIGEST_RE.match(digest):
         raise InvalidArgument(f"label {BLOB_DIGEST}={digest!r} is not a sha256 digest: invalid argument")
@@ -56,8 +58,10 @@ def validate(labels: dict[str, str]) -> None:
     if records_trace(labels):
         trace = labels.get(RECORD_TRACE_PATH, "")
         if not trace.startswith("/"):
-            raise InvalidArgument(f"label {RECORD_TRACE_PATH}={trace!r} must be an absolute path when "
-                                  f"{RECORD_TRACE}=yes: invalid argument")
+            raise InvalidArgument(
+                f"label {RECORD_TRACE_PATH}={trace!r} must be an absolute path when "
+                f"{RECORD_TRACE}=yes: invalid argument"
+            )
 
 
 def image_ref(labels: dict[str, str]) -> str:
@@ -66,8 +70,9 @@ def image_ref(labels: dict[str, str]) -> str:
 
 def is_remote_layer(labels: dict[str, str]) -> bool:
     """Upstream identifySnapshotStorageType rule 1: a lazily loadable overlaybd layer being pulled."""
-    return bool(labels.get(TARGET_SNAPSHOT_REF) and labels.get(BLOB_DIGEST) and labels.get(BLOB_SIZE)
-                and image_ref(labels))
+    return bool(
+        labels.get(TARGET_SNAPSHOT_REF) and labels.get(BLOB_DIGEST) and labels.get(BLOB_SIZE) and image_ref(labels)
+    )
 
 
 def records_trace(labels: dict[str, str]) -> bool:

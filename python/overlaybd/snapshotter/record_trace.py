@@ -124,13 +124,23 @@ def append_acceleration_layer(layout: Path, src_name: str, dst_name: str, trace:
         config["history"].append({"created_by": "overlaybd-record-trace", "comment": "overlaybd acceleration layer"})
     config_bytes = json.dumps(config, separators=(",", ":")).encode()
     manifest["config"] = {**manifest["config"], "digest": _put_blob(layout, config_bytes), "size": len(config_bytes)}
-    layers.append({"mediaType": MT_LAYER_TAR, "digest": digest, "size": len(blob),
-                   "annotations": {L.ACCELERATION_LAYER: "yes", L.BLOB_DIGEST: digest, L.BLOB_SIZE: str(len(blob))}})
+    layers.append(
+        {
+            "mediaType": MT_LAYER_TAR,
+            "digest": digest,
+            "size": len(blob),
+            "annotations": {L.ACCELERATION_LAYER: "yes", L.BLOB_DIGEST: digest, L.BLOB_SIZE: str(len(blob))},
+        }
+    )
     manifest["layers"] = layers
     manifest_bytes = json.dumps(manifest, separators=(",", ":")).encode()
     mdigest = _put_blob(layout, manifest_bytes)
-    entry = {**src[0], "digest": mdigest, "size": len(manifest_bytes),
-             "annotations": {**(src[0].get("annotations") or {}), ann: dst_name}}
+    entry = {
+        **src[0],
+        "digest": mdigest,
+        "size": len(manifest_bytes),
+        "annotations": {**(src[0].get("annotations") or {}), ann: dst_name},
+    }
     index["manifests"] = [m for m in index["manifests"] if (m.get("annotations") or {}).get(ann) != dst_name]
     index["manifests"].append(entry)
     atomic_write_bytes(str(index_path), json.dumps(index).encode())
@@ -172,16 +182,34 @@ def _run(cmd: list[str], what: str, timeout: float = 600) -> subprocess.Complete
     return r
 
 
-def run_recording_container(ctr: list[str], image: str, command: list[str], trace_path: str, *,
-                            snapshotter: str = "overlaybd", timeout: float = 60.0) -> tuple[str, bool]:
+def run_recording_container(
+    ctr: list[str],
+    image: str,
+    command: list[str],
+    trace_path: str,
+    *,
+    snapshotter: str = "overlaybd",
+    timeout: float = 60.0,
+) -> tuple[str, bool]:
     """`ctr run --rm` the image with the record-trace labels; SIGKILL it after `timeout` seconds.
 
     Returns (output, timed_out). The container and its rootfs snapshot are gone on return.
     """
     cid = "record-trace-" + secrets.token_hex(4)
-    cmd = [*ctr, "run", "--rm", "--snapshotter", snapshotter,
-           "--snapshotter-label", f"{L.RECORD_TRACE}=yes", "--snapshotter-label", f"{L.RECORD_TRACE_PATH}={trace_path}",
-           image, cid, *command]
+    cmd = [
+        *ctr,
+        "run",
+        "--rm",
+        "--snapshotter",
+        snapshotter,
+        "--snapshotter-label",
+        f"{L.RECORD_TRACE}=yes",
+        "--snapshotter-label",
+        f"{L.RECORD_TRACE_PATH}={trace_path}",
+        image,
+        cid,
+        *command,
+    ]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     timed_out = False
     try:
@@ -217,8 +245,10 @@ def finish_recording(trace_path: str, timeout: float = DUMP_TIMEOUT) -> int:
         try:
             os.unlink(lock)
         except FileNotFoundError:
-            raise RecordTraceError(f"{lock} does not exist: the image service did not record (see its log); was the "
-                                   "image pulled with rpull?") from None
+            raise RecordTraceError(
+                f"{lock} does not exist: the image service did not record (see its log); was the "
+                "image pulled with rpull?"
+            ) from None
         end = time.monotonic() + timeout
         while not os.path.exists(ok):
             if time.monotonic() > end:
@@ -233,23 +263,39 @@ def finish_recording(trace_path: str, timeout: float = DUMP_TIMEOUT) -> int:
     return len(records)
 
 
-def publish_with_acceleration_layer(image: str, new_ref: str, trace: bytes, work_dir: str, *,
-                                    plain_http: bool = False, skopeo: str = "skopeo") -> str:
+def publish_with_acceleration_layer(
+    image: str, new_ref: str, trace: bytes, work_dir: str, *, plain_http: bool = False, skopeo: str = "skopeo"
+) -> str:
     """Copy `image` into an OCI layout, append the acceleration layer, push it as `new_ref`; returns its digest."""
     layout = Path(work_dir) / "layout"
     tls = ["--src-tls-verify=false"] if plain_http else []
-    _run([skopeo, "copy", "--quiet", "--preserve-digests", *tls, f"docker://{image}", f"oci:{layout}:src"],
-         f"copy {image} to {layout}")
+    _run(
+        [skopeo, "copy", "--quiet", "--preserve-digests", *tls, f"docker://{image}", f"oci:{layout}:src"],
+        f"copy {image} to {layout}",
+    )
     mdigest = append_acceleration_layer(layout, "src", "accel", trace)
     tls = ["--dest-tls-verify=false"] if plain_http else []
-    _run([skopeo, "copy", "--quiet", "--preserve-digests", *tls, f"oci:{layout}:accel", f"docker://{new_ref}"],
-         f"push {new_ref}")
+    _run(
+        [skopeo, "copy", "--quiet", "--preserve-digests", *tls, f"oci:{layout}:accel", f"docker://{new_ref}"],
+        f"push {new_ref}",
+    )
     return mdigest
 
 
-def record_trace(image: str, new_ref: str, command: list[str], *, address: str, work_dir: str,
-                 namespace: str = "default", snapshotter: str = "overlaybd", plain_http: bool = False,
-                 timeout: float = 60.0, ctr: str = "ctr", skopeo: str = "skopeo") -> RecordResult:
+def record_trace(
+    image: str,
+    new_ref: str,
+    command: list[str],
+    *,
+    address: str,
+    work_dir: str,
+    namespace: str = "default",
+    snapshotter: str = "overlaybd",
+    plain_http: bool = False,
+    timeout: float = 60.0,
+    ctr: str = "ctr",
+    skopeo: str = "skopeo",
+) -> RecordResult:
     """Record `command` running in `image` (already rpulled) and push `image` + acceleration layer as `new_ref`."""
     if not command:
         raise RecordTraceError("no command to run in the container")
@@ -257,17 +303,23 @@ def record_trace(image: str, new_ref: str, command: list[str], *, address: str, 
     trace_path = os.path.abspath(os.path.join(work_dir, "trace"))
     ctr_cmd = [ctr, "--address", address, "--namespace", namespace]
     collect_garbage(ctr_cmd)
-    output, timed_out = run_recording_container(ctr_cmd, image, command, trace_path, snapshotter=snapshotter,
-                                                timeout=timeout)
+    output, timed_out = run_recording_container(
+        ctr_cmd, image, command, trace_path, snapshotter=snapshotter, timeout=timeout
+    )
     records = finish_recording(trace_path)
     with open(trace_path, "rb") as f:
         trace = f.read()
     result = RecordResult(trace_path, records, output, timed_out)
-    result.manifest_digest = publish_with_acceleration_layer(image, new_ref, trace, work_dir, plain_http=plain_http,
-                                                             skopeo=skopeo)
+    result.manifest_digest = publish_with_acceleration_layer(
+        image, new_ref, trace, work_dir, plain_http=plain_http, skopeo=skopeo
+    )
     return result
 
 
 def describe(result: RecordResult) -> dict[str, Any]:
-    return {"trace": result.trace_path, "records": result.records, "timedOut": result.timed_out,
-            "manifest": result.manifest_digest}
+    return {
+        "trace": result.trace_path,
+        "records": result.records,
+        "timedOut": result.timed_out,
+        "manifest": result.manifest_digest,
+    }

@@ -70,8 +70,9 @@ def sealed_config(sd: SnapshotDir) -> dict[str, Any]:
     return {"repoBlobUrl": base.get("repoBlobUrl", ""), "lowers": lowers, "resultFile": sd.result_file}
 
 
-def remote_layer_config(sd: SnapshotDir, parent: SnapshotDir | None, blob_url: str, digest: str,
-                        size: int) -> dict[str, Any]:
+def remote_layer_config(
+    sd: SnapshotDir, parent: SnapshotDir | None, blob_url: str, digest: str, size: int
+) -> dict[str, Any]:
     lowers = parent_lowers(parent)
     lowers.append({"digest": digest, "size": size, "dir": sd.block})
     if len(lowers) > 255:
@@ -79,8 +80,9 @@ def remote_layer_config(sd: SnapshotDir, parent: SnapshotDir | None, blob_url: s
     return {"repoBlobUrl": blob_url, "lowers": lowers, "resultFile": sd.result_file}
 
 
-def acceleration_layer_config(sd: SnapshotDir, parent: SnapshotDir | None, blob_url: str, digest: str,
-                              size: int) -> dict[str, Any]:
+def acceleration_layer_config(
+    sd: SnapshotDir, parent: SnapshotDir | None, blob_url: str, digest: str, size: int
+) -> dict[str, Any]:
     """The image's trace layer: the parent's lowers plus this layer (dir holds `trace`), flagged so the image
     service drops it from the disk and replays `<dir>/trace` (spec format.md §8)."""
     cfg = remote_layer_config(sd, parent, blob_url, digest, size)

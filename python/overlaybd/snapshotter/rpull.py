@@ -77,8 +77,9 @@ class Containerd:
         return md
 
     def _unary(self, path: str, req: Any, resp_type: Any, timeout: float = 300) -> Any:
-        fn = self.channel.unary_unary(path, request_serializer=type(req).SerializeToString,
-                                      response_deserializer=resp_type.FromString)
+        fn = self.channel.unary_unary(
+            path, request_serializer=type(req).SerializeToString, response_deserializer=resp_type.FromString
+        )
         return fn(req, metadata=self._md(), timeout=timeout)
 
     # leases
@@ -115,14 +116,18 @@ class Containerd:
         def requests() -> Iterator[api.WriteContentRequest]:
             yield api.WriteContentRequest(action=api.STAT, ref=ref)
             for off in range(0, len(data), WRITE_CHUNK):
-                yield api.WriteContentRequest(action=api.WRITE, ref=ref, total=len(data), offset=off,
-                                              data=data[off : off + WRITE_CHUNK])
-            yield api.WriteContentRequest(action=api.COMMIT, ref=ref, total=len(data), offset=len(data),
-                                          expected=digest, labels=labels)
+                yield api.WriteContentRequest(
+                    action=api.WRITE, ref=ref, total=len(data), offset=off, data=data[off : off + WRITE_CHUNK]
+                )
+            yield api.WriteContentRequest(
+                action=api.COMMIT, ref=ref, total=len(data), offset=len(data), expected=digest, labels=labels
+            )
 
-        fn = self.channel.stream_stream(SERVICE_CONTENT + "Write",
-                                        request_serializer=api.WriteContentRequest.SerializeToString,
-                                        response_deserializer=api.WriteContentResponse.FromString)
+        fn = self.channel.stream_stream(
+            SERVICE_CONTENT + "Write",
+            request_serializer=api.WriteContentRequest.SerializeToString,
+            response_deserializer=api.WriteContentResponse.FromString,
+        )
         try:
             for _ in fn(requests(), metadata=self._md(), timeout=300):
                 pass
@@ -132,8 +137,11 @@ class Containerd:
 
     def update_content_labels(self, digest: str, labels: dict[str, str]) -> None:
         mask = wkt_pb2.FieldMask(paths=[f"labels.{k}" for k in labels])
-        self._unary(SERVICE_CONTENT + "Update", api.UpdateRequest(info=api.ContentInfo(digest=digest, labels=labels),
-                                                                  update_mask=mask), api.UpdateResponse)
+        self._unary(
+            SERVICE_CONTENT + "Update",
+            api.UpdateRequest(info=api.ContentInfo(digest=digest, labels=labels), update_mask=mask),
+            api.UpdateResponse,
+        )
 
     # images
     def put_image(self, name: str, target: api.Descriptor) -> None:
@@ -143,15 +151,20 @@ class Containerd:
         except grpc.RpcError as e:
             if e.code() != grpc.StatusCode.ALREADY_EXISTS:
                 raise
-            self._unary(SERVICE_IMAGES + "Update",
-                        api.UpdateImageRequest(image=img, update_mask=wkt_pb2.FieldMask(paths=["target"])),
-                        api.UpdateImageResponse)
+            self._unary(
+                SERVICE_IMAGES + "Update",
+                api.UpdateImageRequest(image=img, update_mask=wkt_pb2.FieldMask(paths=["target"])),
+                api.UpdateImageResponse,
+            )
 
     # snapshots (containerd's service, which forwards to the proxy snapshotter)
     def snapshot_exists(self, snapshotter: str, key: str) -> bool:
         try:
-            self._unary(SERVICE_SNAPSHOTS + "Stat", spb.StatSnapshotRequest(snapshotter=snapshotter, key=key),
-                        spb.StatSnapshotResponse)
+            self._unary(
+                SERVICE_SNAPSHOTS + "Stat",
+                spb.StatSnapshotRequest(snapshotter=snapshotter, key=key),
+                spb.StatSnapshotResponse,
+            )
             return True
         except grpc.RpcError as e:
             if e.code() == grpc.StatusCode.NOT_FOUND:
@@ -159,12 +172,16 @@ class Containerd:
             raise
 
     def prepare(self, snapshotter: str, key: str, parent: str, labels: dict[str, str]) -> None:
-        self._unary(SERVICE_SNAPSHOTS + "Prepare", spb.PrepareSnapshotRequest(
-            snapshotter=snapshotter, key=key, parent=parent, labels=labels), spb.PrepareSnapshotResponse)
+        self._unary(
+            SERVICE_SNAPSHOTS + "Prepare",
+            spb.PrepareSnapshotRequest(snapshotter=snapshotter, key=key, parent=parent, labels=labels),
+            spb.PrepareSnapshotResponse,
+        )
 
     def remove_snapshot(self, snapshotter: str, key: str) -> None:
-        self._unary(SERVICE_SNAPSHOTS + "Remove", spb.RemoveSnapshotRequest(snapshotter=snapshotter, key=key),
-                    wkt_pb2.Empty)
+        self._unary(
+            SERVICE_SNAPSHOTS + "Remove", spb.RemoveSnapshotRequest(snapshotter=snapshotter, key=key), wkt_pb2.Empty
+        )
 
 
 def _layers(manifest: dict[str, Any], config: dict[str, Any]) -> list[Layer]:
@@ -177,14 +194,23 @@ def _layers(manifest: dict[str, Any], config: dict[str, Any]) -> list[Layer]:
     for i, d in enumerate(descs):
         ann = {k: v for k, v in (d.get("annotations") or {}).items() if k.startswith(ANNOTATION_PREFIX)}
         if L.BLOB_DIGEST not in ann or L.BLOB_SIZE not in ann:
-            raise RpullError(f"layer {i} ({d.get('digest')}) is not an overlaybd layer (no {L.BLOB_DIGEST} "
-                             "annotation); pull it with `ctr pull` instead")
+            raise RpullError(
+                f"layer {i} ({d.get('digest')}) is not an overlaybd layer (no {L.BLOB_DIGEST} "
+                "annotation); pull it with `ctr pull` instead"
+            )
         out.append(Layer(d["digest"], int(d.get("size", 0)), diff_ids[i], chains[i], ann))
     return out
 
 
-def rpull(ref: str, address: str, *, namespace: str = "default", snapshotter: str = "overlaybd",
-          plain_http: bool = False, registry: Any = None) -> str:
+def rpull(
+    ref: str,
+    address: str,
+    *,
+    namespace: str = "default",
+    snapshotter: str = "overlaybd",
+    plain_http: bool = False,
+    registry: Any = None,
+) -> str:
     """Make `ref` runnable with `--snapshotter=snapshotter` without fetching layers; returns the top chainID."""
     from ..registry.client import RegistryClient, RegistryError
     from ..registry.reference import ReferenceError, parse_reference
@@ -208,8 +234,11 @@ def rpull(ref: str, address: str, *, namespace: str = "default", snapshotter: st
     try:
         cd.create_lease(timedelta(hours=1))
         source = {f"containerd.io/distribution.source.{r.registry}": r.repository}
-        cd.write_content(config_body, m.config["digest"],
-                         {**source, f"containerd.io/gc.ref.snapshot.{snapshotter}": top} if top else source)
+        cd.write_content(
+            config_body,
+            m.config["digest"],
+            {**source, f"containerd.io/gc.ref.snapshot.{snapshotter}": top} if top else source,
+        )
         mlabels = {**source, "containerd.io/gc.ref.content.config": m.config["digest"]}
         cd.write_content(m.body, m.digest, mlabels)
         parent = ""
@@ -230,8 +259,12 @@ def rpull(ref: str, address: str, *, namespace: str = "default", snapshotter: st
 
 
 def _prepare_remote(cd: Containerd, snapshotter: str, ref: str, ly: Layer, parent: str, index: int) -> None:
-    labels = {**ly.annotations, L.TARGET_SNAPSHOT_REF: ly.chain_id, L.TARGET_IMAGE_REF: ref,
-              "containerd.io/snapshot/diff-id": ly.diff_id}
+    labels = {
+        **ly.annotations,
+        L.TARGET_SNAPSHOT_REF: ly.chain_id,
+        L.TARGET_IMAGE_REF: ref,
+        "containerd.io/snapshot/diff-id": ly.diff_id,
+    }
     if parent:
         labels["containerd.io/snapshot/parent-chain-id"] = parent
     key = f"extract-{time.time_ns()}-{secrets.token_hex(3)} {ly.chain_id}"
@@ -243,5 +276,7 @@ def _prepare_remote(cd: Containerd, snapshotter: str, ref: str, ly: Layer, paren
             return
         raise RpullError(f"layer {index} ({ly.digest}): Prepare: {e.code().name}: {e.details()}") from e
     cd.remove_snapshot(snapshotter, key)  # the snapshotter made a plain (downloadable) snapshot instead
-    raise RpullError(f"layer {index} ({ly.digest}): snapshotter {snapshotter!r} did not take the layer as a "
-                     "remote overlaybd layer (is it the overlaybd snapshotter?)")
+    raise RpullError(
+        f"layer {index} ({ly.digest}): snapshotter {snapshotter!r} did not take the layer as a "
+        "remote overlaybd layer (is it the overlaybd snapshotter?)"
+    )

@@ -33,8 +33,14 @@ def _ts(ns: int) -> wkt_pb2.Timestamp:
 
 
 def info(s: Snapshot) -> snapshots_pb2.Info:
-    return snapshots_pb2.Info(name=s.key, parent=s.parent, kind=s.kind, created_at=_ts(s.created_ns),
-                              updated_at=_ts(s.updated_ns), labels=s.labels)
+    return snapshots_pb2.Info(
+        name=s.key,
+        parent=s.parent,
+        kind=s.kind,
+        created_at=_ts(s.created_ns),
+        updated_at=_ts(s.updated_ns),
+        labels=s.labels,
+    )
 
 
 class SnapshotsServicer(snapshots_pb2_grpc.SnapshotsServicer):

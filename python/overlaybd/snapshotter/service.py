@@ -197,8 +197,9 @@ class Snapshotter:
         writable = labels.get(L.WRITABLE) or ("" if image_layer else self.cfg.rw_mode)
         record = kind == ACTIVE and L.records_trace(labels)
         if record and writable in L.WRITABLE_MODES:
-            raise InvalidArgument(f"{L.RECORD_TRACE}=yes needs an overlayfs rootfs, not rwMode {writable!r}: "
-                                  "invalid argument")
+            raise InvalidArgument(
+                f"{L.RECORD_TRACE}=yes needs an overlayfs rootfs, not rwMode {writable!r}: invalid argument"
+            )
         with self.store.transaction() as tx:
             if tx.find(key) is not None:
                 raise AlreadyExists(f"snapshot {key} already exists")
@@ -211,8 +212,7 @@ class Snapshotter:
                 remove_tree(sd.path)
             os.makedirs(sd.fs, mode=0o755)
             os.makedirs(sd.work, mode=0o711)
-            if (kind == ACTIVE and writable in L.WRITABLE_MODES
-                    and (p is None or self.dir(p).is_block())):
+            if kind == ACTIVE and writable in L.WRITABLE_MODES and (p is None or self.dir(p).is_block()):
                 self._create_writable(s, p, writable)
                 s.labels.setdefault(L.WRITABLE, writable)
                 tx.save(s)
@@ -230,12 +230,16 @@ class Snapshotter:
         psd = self.dir(p)
         cfg = read_config(psd.config)
         if cfg.get("accelerationLayer"):
-            raise FailedPrecondition(f"{L.RECORD_TRACE}=yes: layer {p.key} is an acceleration layer; record on the "
-                                     "image without it: failed precondition")
+            raise FailedPrecondition(
+                f"{L.RECORD_TRACE}=yes: layer {p.key} is an acceleration layer; record on the "
+                "image without it: failed precondition"
+            )
         if is_mounted(psd.mountpoint) or os.path.exists(psd.backstore_mark):
             if tx.has_children(p.key):
-                raise FailedPrecondition(f"{L.RECORD_TRACE}=yes: the device of layer {p.key} is in use by other "
-                                         "snapshots; stop their containers first: failed precondition")
+                raise FailedPrecondition(
+                    f"{L.RECORD_TRACE}=yes: the device of layer {p.key} is in use by other "
+                    "snapshots; stop their containers first: failed precondition"
+                )
             self._release(psd)
         try:
             with open(trace_path, "wb"):
@@ -312,8 +316,9 @@ class Snapshotter:
         sd = self.dir(s)
         os.makedirs(sd.mountpoint, exist_ok=True)
         vsize_gb = int(s.labels.get(L.VSIZE, "64"))
-        lsmt.create_rw(sd.writable_data, sd.writable_index, vsize_gb << 30,
-                       sparse=self.cfg.writable_layer_type == "sparse")
+        lsmt.create_rw(
+            sd.writable_data, sd.writable_index, vsize_gb << 30, sparse=self.cfg.writable_layer_type == "sparse"
+        )
         write_config(sd.config, writable_config(sd, self.dir(parent) if parent else None))
         dev = self._need_devices().attach(sd, writable=True)
         if parent is None:
@@ -342,8 +347,9 @@ class Snapshotter:
                     raise AlreadyExists(f"snapshot {name} already exists")
                 if parent and parent != s.parent:
                     if s.parent:
-                        raise InvalidArgument(f"snapshot {key} has parent {s.parent}, cannot rebase onto {parent}: "
-                                              "invalid argument")
+                        raise InvalidArgument(
+                            f"snapshot {key} has parent {s.parent}, cannot rebase onto {parent}: invalid argument"
+                        )
                     p = tx.find(parent)
                     if p is None:
                         raise NotFound(f"parent snapshot {parent} does not exist: not found")
@@ -434,7 +440,7 @@ class Snapshotter:
                     new = dict(labels)
                 for path in paths:
                     if path.startswith("labels."):
-                        k = path[len("labels."):]
+                        k = path[len("labels.") :]
                         if labels.get(k):
                             new[k] = labels[k]
                         else:
@@ -519,8 +525,11 @@ class Snapshotter:
                     except OSError:  # device gone under a mount (frontend died): remount on demand
                         umount(sd.mountpoint, lazy=True)
                         stale.append(s.key)
-                if os.path.exists(sd.backstore_mark) and self.devices is not None \
-                        and self.devices.device_of(sd) is None:
+                if (
+                    os.path.exists(sd.backstore_mark)
+                    and self.devices is not None
+                    and self.devices.device_of(sd) is None
+                ):
                     os.unlink(sd.backstore_mark)  # the device is gone; attach again when needed
                     if is_mounted(sd.mountpoint):
                         umount(sd.mountpoint, lazy=True)

@@ -53,8 +53,17 @@ class Snapshot:
 
 
 def _row(r: sqlite3.Row) -> Snapshot:
-    return Snapshot(r["id"], r["key"], r["parent"], r["kind"], r["created_ns"], r["updated_ns"],
-                    json.loads(r["labels"]), r["size"], r["inodes"])
+    return Snapshot(
+        r["id"],
+        r["key"],
+        r["parent"],
+        r["kind"],
+        r["created_ns"],
+        r["updated_ns"],
+        json.loads(r["labels"]),
+        r["size"],
+        r["inodes"],
+    )
 
 
 def now_ns() -> int:

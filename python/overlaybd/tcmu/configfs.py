@@ -66,8 +66,16 @@ def backstore_path(hba: int | str, dev: str, root: str = CONFIGFS) -> str:
     return f"{root}/core/user_{hba}/{dev}"
 
 
-def create_backstore(dev: str, config_path: str, dev_id: str = "", *, hba: int | str = DEFAULT_HBA,
-                     max_data_area_mb: int = 4, hw_max_sectors: int = 2048, root: str = CONFIGFS) -> str:
+def create_backstore(
+    dev: str,
+    config_path: str,
+    dev_id: str = "",
+    *,
+    hba: int | str = DEFAULT_HBA,
+    max_data_area_mb: int = 4,
+    hw_max_sectors: int = 2048,
+    root: str = CONFIGFS,
+) -> str:
     """mkdir + control + enable (the ACI sequence); enable blocks until the daemon opened the image."""
     t = backstore_path(hba, dev, root)
     os.makedirs(t, exist_ok=True)
@@ -118,8 +126,9 @@ def naa_wwn(dev: str, prefix: str = "199") -> str:
     return f"naa.{prefix}{digits.zfill(13)}"
 
 
-def attach_loop(dev: str, *, hba: int | str = DEFAULT_HBA, wwn: str | None = None, root: str = CONFIGFS,
-                timeout: float = 30.0) -> str:
+def attach_loop(
+    dev: str, *, hba: int | str = DEFAULT_HBA, wwn: str | None = None, root: str = CONFIGFS, timeout: float = 30.0
+) -> str:
     """Export a backstore through tcm_loop and return its /dev/sdX."""
     if not os.path.isdir("/sys/module/sd_mod"):
         subprocess.run(["modprobe", "sd_mod"], capture_output=True, check=False)  # no udev to load it for us

@@ -42,12 +42,16 @@ def setup_logging(service: Any, to_stderr: bool = True) -> None:
         try:
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
             lc = service.log_config
-            handlers.append(logging.handlers.RotatingFileHandler(
-                path, maxBytes=lc.log_size_mb << 20, backupCount=max(lc.log_rotate_num, 0)))
+            handlers.append(
+                logging.handlers.RotatingFileHandler(
+                    path, maxBytes=lc.log_size_mb << 20, backupCount=max(lc.log_rotate_num, 0)
+                )
+            )
         except OSError as e:
             print(f"overlaybd-tcmu: cannot log to {path}: {e}")
-    logging.basicConfig(level=level, handlers=handlers, force=True,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=level, handlers=handlers, force=True, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
 
 
 def _set_param(name: str, value: str) -> None:
@@ -69,8 +73,14 @@ def _read_text(path: str, default: str = "") -> str:
 class TcmuFrontend:
     """All TCMU devices of this daemon."""
 
-    def __init__(self, opener: Callable[[str], BlockImage], *, workers: int = 8, read_retry_seconds: float = 30.0,
-                 configfs_root: str = configfs.CONFIGFS):
+    def __init__(
+        self,
+        opener: Callable[[str], BlockImage],
+        *,
+        workers: int = 8,
+        read_retry_seconds: float = 30.0,
+        configfs_root: str = configfs.CONFIGFS,
+    ):
         self.opener = opener
         self.workers = workers
         self.read_retry_seconds = read_retry_seconds
@@ -94,8 +104,15 @@ class TcmuFrontend:
         dev = TcmuDevice(uio, ScsiDisk(image, info), workers=self.workers)
         dev.start()
         self.devices[minor] = dev
-        log.info("tcmu: opened uio%d %s/%s -> %s (%s, %d bytes)", minor, cfg.hba, cfg.dev, cfg.config_path,
-                 "ro" if dev.disk.read_only else "rw", image.size())
+        log.info(
+            "tcmu: opened uio%d %s/%s -> %s (%s, %d bytes)",
+            minor,
+            cfg.hba,
+            cfg.dev,
+            cfg.config_path,
+            "ro" if dev.disk.read_only else "rw",
+            image.size(),
+        )
 
     def close_device(self, minor: int) -> None:
         dev = self.devices.pop(minor, None)
@@ -171,9 +188,16 @@ def choose_frontend(requested: str) -> tuple[str, str]:
     return ("tcmu" if ok else "fuse"), why
 
 
-def run(service: Any, *, frontend: str = "auto", fuse_socket: str = DEFAULT_SOCKET, fuse_run_dir: str = DEFAULT_RUN_DIR,
-        opener: Callable[[str], BlockImage] | None = None, ready: threading.Event | None = None,
-        stop: threading.Event | None = None) -> int:
+def run(
+    service: Any,
+    *,
+    frontend: str = "auto",
+    fuse_socket: str = DEFAULT_SOCKET,
+    fuse_run_dir: str = DEFAULT_RUN_DIR,
+    opener: Callable[[str], BlockImage] | None = None,
+    ready: threading.Event | None = None,
+    stop: threading.Event | None = None,
+) -> int:
     """Run until SIGTERM/SIGINT (or `stop`); returns the exit code."""
     opener = opener or default_opener(service)
     stop = stop or threading.Event()

@@ -46,8 +46,11 @@ CMD_ADDED_DEVICE_DONE = 4
 CMD_REMOVED_DEVICE_DONE = 5
 CMD_RECONFIG_DEVICE_DONE = 6
 CMD_SET_FEATURES = 7
-DONE_FOR = {CMD_ADDED_DEVICE: CMD_ADDED_DEVICE_DONE, CMD_REMOVED_DEVICE: CMD_REMOVED_DEVICE_DONE,
-            CMD_RECONFIG_DEVICE: CMD_RECONFIG_DEVICE_DONE}
+DONE_FOR = {
+    CMD_ADDED_DEVICE: CMD_ADDED_DEVICE_DONE,
+    CMD_REMOVED_DEVICE: CMD_REMOVED_DEVICE_DONE,
+    CMD_RECONFIG_DEVICE: CMD_RECONFIG_DEVICE_DONE,
+}
 
 # enum tcmu_genl_attr
 ATTR_DEVICE = 1
@@ -171,7 +174,8 @@ class TcmuNetlink:
         for g in parse_attrs(attrs.get(CTRL_ATTR_MCAST_GROUPS, b"")).values():
             ga = parse_attrs(g)
             groups[ga[CTRL_ATTR_MCAST_GRP_NAME].rstrip(b"\0").decode()] = struct.unpack(
-                "=I", ga[CTRL_ATTR_MCAST_GRP_ID][:4])[0]
+                "=I", ga[CTRL_ATTR_MCAST_GRP_ID][:4]
+            )[0]
         return family, groups
 
     def enable_replies(self) -> None:

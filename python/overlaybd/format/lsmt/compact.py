@@ -72,7 +72,11 @@ def commit_index(mappings: Sequence[Mapping]) -> list[Mapping]:
         tag = m.tag
         if m.zeroed:
             if (
-                have and c_zero and c_tag == tag and c_off + c_len == m.offset and c_mo == mo
+                have
+                and c_zero
+                and c_tag == tag
+                and c_off + c_len == m.offset
+                and c_mo == mo
                 and c_len + m.length < MAX_LENGTH
             ):
                 c_len += m.length

@@ -184,8 +184,7 @@ def open_warp_ro(layer: RandomAccessFile, target: RandomAccessFile) -> WarpLayer
             msg = f"remote sectors [{m}, {m + n}) beyond the target {target.name} ({target_hi} sectors)"
             raise BadIndex(name, f"index[{i}].moffset", msg)
     combined = [
-        m + TARGET_BASE_SECTOR if (t == TAG_REMOTE and not z) else m
-        for m, z, t in zip(moffs, zeros, tags, strict=True)
+        m + TARGET_BASE_SECTOR if (t == TAG_REMOTE and not z) else m for m, z, t in zip(moffs, zeros, tags, strict=True)
     ]
     index = Columns(offs, lens, combined, zeros)
     return WarpLayer(WarpSources(layer, target), header, trailer, index, tags)

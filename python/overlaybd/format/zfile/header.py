@@ -79,9 +79,25 @@ class ZFileHeader:
         """The 512-byte block with a freshly computed digest."""
         block = bytearray(HT_SIZE)
         _FMT.pack_into(
-            block, 0, MAGIC0, MAGIC1, STRUCT_SIZE, 0, self.flags, self.index_offset, self.index_size,
-            self.original_file_size, self.index_crc, 0, self.block_size, self.algo, self.level, self.use_dict,
-            0, self.dict_size, self.verify,
+            block,
+            0,
+            MAGIC0,
+            MAGIC1,
+            STRUCT_SIZE,
+            0,
+            self.flags,
+            self.index_offset,
+            self.index_size,
+            self.original_file_size,
+            self.index_crc,
+            0,
+            self.block_size,
+            self.algo,
+            self.level,
+            self.use_dict,
+            0,
+            self.dict_size,
+            self.verify,
         )
         struct.pack_into("<I", block, _DIGEST_OFFSET, crc32c_raw(block))
         return bytes(block)
@@ -106,8 +122,25 @@ def parse(block: bytes | bytearray | memoryview, path: str, what: str, check_dig
         raise BadMagic(path, f"{what}.magic0", f"expected {MAGIC0!r}, found {bytes(block[:8])!r}")
     if bytes(block[8:24]) != MAGIC1:
         raise BadMagic(path, f"{what}.magic1", f"expected {MAGIC1!r}, found {bytes(block[8:24])!r}")
-    (_m0, _m1, size, digest, flags, index_offset, index_size, original_size, index_crc, _r0,
-     block_size, algo, level, use_dict, _reserved, dict_size, verify) = _FMT.unpack_from(block, 0)
+    (
+        _m0,
+        _m1,
+        size,
+        digest,
+        flags,
+        index_offset,
+        index_size,
+        original_size,
+        index_crc,
+        _r0,
+        block_size,
+        algo,
+        level,
+        use_dict,
+        _reserved,
+        dict_size,
+        verify,
+    ) = _FMT.unpack_from(block, 0)
     if size != STRUCT_SIZE:
         raise BadMagic(path, f"{what}.size", f"expected {STRUCT_SIZE}, found {size}")
     if check_digest and flags & FLAG_DIGEST:
@@ -115,7 +148,16 @@ def parse(block: bytes | bytearray | memoryview, path: str, what: str, check_dig
         if digest != want:
             raise BadChecksum(path, f"{what}.digest", f"stored 0x{digest:08x}, computed 0x{want:08x}")
     return ZFileHeader(
-        flags=flags, index_offset=index_offset, index_size=index_size, original_file_size=original_size,
-        index_crc=index_crc, block_size=block_size, algo=algo, level=level, use_dict=use_dict,
-        dict_size=dict_size, verify=verify, digest=digest,
+        flags=flags,
+        index_offset=index_offset,
+        index_size=index_size,
+        original_file_size=original_size,
+        index_crc=index_crc,
+        block_size=block_size,
+        algo=algo,
+        level=level,
+        use_dict=use_dict,
+        dict_size=dict_size,
+        verify=verify,
+        digest=digest,
     )

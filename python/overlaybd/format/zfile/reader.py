@@ -149,17 +149,20 @@ class ZFileReader:
             raise BadIndex(self.name, "index_offset", f"{h.index_offset} points into the header")
         if h.index_offset + n * 4 > file_size:
             raise Truncated(
-                self.name, "jump table",
+                self.name,
+                "jump table",
                 f"{n} entries at offset {h.index_offset} end past the end of the file ({file_size} bytes)",
             )
         if h.index_offset + n * 4 > index_limit:
             raise BadIndex(
-                self.name, "index_size",
+                self.name,
+                "index_size",
                 f"{n} entries ({n * 4} bytes) at offset {h.index_offset} overlap the trailer at {index_limit}",
             )
         if n != need:
             raise BadIndex(
-                self.name, "index_size",
+                self.name,
+                "index_size",
                 f"{n} entries, but original_file_size {h.original_file_size} / block_size {h.block_size} needs {need}",
             )
         raw = read_exact(self._f, n * 4, h.index_offset, "jump table")
@@ -184,7 +187,8 @@ class ZFileReader:
         offsets = array("Q", accumulate(lens, initial=HT_SIZE + h.dict_size))
         if offsets[-1] > h.index_offset:
             raise BadIndex(
-                self.name, "jump_table",
+                self.name,
+                "jump_table",
                 f"blocks end at offset {offsets[-1]}, past the jump table at {h.index_offset}",
             )
         return offsets
@@ -369,7 +373,8 @@ class ZFileReader:
             got = crc32c_raw(data, BLOCK_CRC_SEED)
             if got != want:
                 raise BadChecksum(
-                    self.name, f"block {k} crc",
+                    self.name,
+                    f"block {k} crc",
                     f"block at offset {offset} ({len(stored)} bytes): stored 0x{want:08x}, computed 0x{got:08x}",
                 )
         else:

@@ -77,9 +77,7 @@ class ZFileBuilder:
         self._compress = compressor(self._opts.algo)
         self._batch = max(1, BATCH_BYTES // block_size) * block_size
         self.threads = default_threads() if threads is None else max(1, threads)
-        self._pool = (
-            ThreadPoolExecutor(self.threads, thread_name_prefix="zfile-compress") if self.threads > 1 else None
-        )
+        self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="zfile-compress") if self.threads > 1 else None
         self._inflight: deque[Future[tuple[bytes, list[int]]]] = deque()
         self._window = 2 * self.threads
         self._pending = bytearray()
