@@ -171,6 +171,7 @@ def test_create_raw_mkfs(tool, tmp_path: Path) -> None:
         assert f.read(2) == b"\x53\xef"  # ext4 superblock magic
 
 
+@pytest.mark.ci_may_skip
 def test_commit_killed_mid_write_leaves_no_output(tmp_path: Path) -> None:
     """SIGKILL while the temp output is being written: no file at the output path, ever."""
     data, index = tmp_path / "big.data", tmp_path / "big.index"

@@ -208,6 +208,7 @@ def test_image_is_reproducible_from_the_same_bundle(sysext_build: Built, tmp_pat
 
 
 @pytest.mark.slow
+@pytest.mark.ci_may_skip
 def test_full_build_is_reproducible(sysext_build: Built, tmp_path: Path) -> None:
     """A second build from scratch (PyInstaller included) gives a byte-identical image."""
     fresh = tmp_path / "fresh"

@@ -21,7 +21,35 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]  # the checkout whose .venv the guest runs
-KVER = os.environ.get("OVERLAYBD_VM_KVER", "6.1.0-56-amd64")
+
+
+def installed_kernel() -> str:
+    """The newest installed kernel that has its modules: /boot/vmlinuz-V with /lib/modules/V (or $OVERLAYBD_VM_KVER).
+
+    Never a pinned version: Debian's linux-image-amd64 moves to a new ABI (6.1.0-56 -> -57 ...) and a pin
+    would silently skip every VM test on a fresh machine.
+    """
+    forced = os.environ.get("OVERLAYBD_VM_KVER")
+    if forced:
+        return forced
+    found = [
+        p.name.removeprefix("vmlinuz-")
+        for p in Path("/boot").glob("vmlinuz-*")
+        if (Path("/lib/modules") / p.name.removeprefix("vmlinuz-") / "modules.dep").exists()
+    ]
+    if not found:
+        return "none-installed"
+    return max(found, key=_version_key)
+
+
+def _version_key(kver: str) -> tuple[tuple[int, int, str], ...]:
+    """Order kernel versions numerically part by part (6.1.0-57 after 6.1.0-9)."""
+    import re
+
+    return tuple((0, int(n), "") if n.isdigit() else (1, 0, n) for n in re.split(r"[.\-+]", kver))
+
+
+KVER = installed_kernel()
 KERNEL = Path(f"/boot/vmlinuz-{KVER}")
 MODULE_DIR = Path(f"/lib/modules/{KVER}")
 BUSYBOX = Path("/bin/busybox")
