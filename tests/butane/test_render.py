@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import shutil
 import subprocess
 import tomllib
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from overlaybd.butane import ButaneError, ButaneVarError, parse_vars, render, translate
+from overlaybd.butane import VARIABLES, ButaneError, ButaneVarError, parse_vars, render, translate
 from overlaybd.butane.ignition import load_yaml
 from overlaybd.butane.render import template_dir
 from overlaybd.cli.butane import main as butane_main
@@ -106,9 +107,27 @@ def test_special_characters_in_credentials_survive() -> None:
     assert cred["auths"]["r.example"] == {"username": "u", "password": nasty}
 
 
-def test_render_is_deterministic() -> None:
+def test_render_is_deterministic_across_processes() -> None:
+    """Two interpreters with different hash seeds (set/dict order of str keys) render the same bytes."""
+    import subprocess
+    import sys
+
     pairs = VARIANTS[2] + VARIANTS[3]
-    assert render(parse_vars(pairs)) == render(parse_vars(pairs))
+    code = (
+        "import sys; from overlaybd.butane import parse_vars, render; "
+        "sys.stdout.write(render(parse_vars(sys.argv[1:])))"
+    )
+    outs = [
+        subprocess.run(
+            [sys.executable, "-c", code, *pairs],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "PYTHONHASHSEED": seed},
+        ).stdout
+        for seed in ("1", "4242")
+    ]
+    assert outs[0] == outs[1] == render(parse_vars(pairs))
 
 
 @pytest.mark.parametrize(
@@ -136,6 +155,22 @@ def test_bad_variables_name_the_variable(pair: str, name: str) -> None:
 def test_duplicate_registry_is_an_error() -> None:
     with pytest.raises(ButaneVarError, match="registry_auth"):
         render(parse_vars(["registry_auth=r.example=a:b", "registry_auth=r.example=c:d"]))
+
+
+SECRET_VARIABLES = sorted(name for name, var in VARIABLES.items() if var.secret)
+
+
+@pytest.mark.parametrize("name", SECRET_VARIABLES)
+@pytest.mark.parametrize("spelling", ["{n}", " {n}", "{n} ", "  {d}", "{d}"])
+def test_secret_variables_make_the_output_private_however_spelled(tmp_path: Path, name: str, spelling: str) -> None:
+    """Parsing and the secrecy decision use one normalisation: ' registry_auth=...' is still a secret."""
+    assert SECRET_VARIABLES == ["registry_auth"]  # a new secret variable needs a value below
+    value = {"registry_auth": "r.example=u:s3cret"}[name]
+    out = tmp_path / "obd.bu"
+    flag = spelling.format(n=name, d=name.replace("_", "-")) + "=" + value
+    assert butane_main(["--var", flag, "-o", str(out)]) == 0
+    assert "s3cret" in out.read_text()
+    assert out.stat().st_mode & 0o777 == 0o600, f"--var {flag!r}: a config holding passwords must be 0600"
 
 
 def test_cli_var_flags_output_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -6,6 +6,6 @@ translates them to Ignition JSON (so `ignition-validate` can check the result).
 """
 
 from .ignition import ButaneError, translate
-from .render import VARIABLES, ButaneVarError, parse_vars, render
+from .render import VARIABLES, ButaneVarError, holds_secrets, parse_vars, render
 
-__all__ = ["VARIABLES", "ButaneError", "ButaneVarError", "parse_vars", "render", "translate"]
+__all__ = ["VARIABLES", "ButaneError", "ButaneVarError", "holds_secrets", "parse_vars", "render", "translate"]

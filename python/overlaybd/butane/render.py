@@ -77,6 +77,7 @@ class Variable:
     default: Any
     help: str
     repeat: bool = False
+    secret: bool = False  # the value carries credentials: output that holds it must be private (0600)
 
 
 VARIABLES: dict[str, Variable] = {
@@ -91,6 +92,7 @@ VARIABLES: dict[str, Variable] = {
         (),
         "HOST[/REPO]=USER:PASSWORD, repeatable; writes /etc/overlaybd/cred.json (0600) for lazy loading",
         repeat=True,
+        secret=True,
     ),
     "cache_size_gb": Variable(
         _positive_int, None, "registry cache size in GiB; writes /etc/overlaybd/overlaybd.json from the defaults"
@@ -104,13 +106,23 @@ VARIABLES: dict[str, Variable] = {
 }
 
 
+def variable_name(text: str) -> str:
+    """The one normalisation of a --var name (surrounding space, '-' for '_'), used for parsing and secrecy alike."""
+    return text.strip().replace("-", "_")
+
+
+def holds_secrets(values: dict[str, Any]) -> bool:
+    """True when a secret variable (registry_auth) has a value other than its default."""
+    return any(var.secret and values.get(name, var.default) != var.default for name, var in VARIABLES.items())
+
+
 def parse_vars(pairs: Iterable[str]) -> dict[str, Any]:
     """`KEY=VALUE` strings (from --var) -> typed values, defaults filled in."""
     values: dict[str, Any] = {name: var.default for name, var in VARIABLES.items()}
     seen: set[str] = set()
     for pair in pairs:
         name, sep, raw = pair.partition("=")
-        name = name.strip().replace("-", "_")
+        name = variable_name(name)
         if not sep:
             raise ButaneVarError(name, "expected KEY=VALUE")
         var = VARIABLES.get(name)

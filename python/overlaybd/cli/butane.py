@@ -9,7 +9,7 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     from overlaybd import __version__
-    from overlaybd.butane import VARIABLES, ButaneError, ButaneVarError, parse_vars, render, translate
+    from overlaybd.butane import VARIABLES, ButaneError, ButaneVarError, holds_secrets, parse_vars, render, translate
     from overlaybd.butane.ignition import load_yaml
 
     var_help = "\n".join(f"  {name}: {v.help} (default: {v.default!r})" for name, v in VARIABLES.items())
@@ -25,7 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-o", "--output", help="write here (atomically) instead of stdout")
     args = ap.parse_args(argv)
     try:
-        text = render(parse_vars(args.var))
+        values = parse_vars(args.var)
+        text = render(values)
         # Never hand out something that does not parse or breaks the schema.
         ign = translate(load_yaml(text, "rendered butane"), "rendered butane")
     except (ButaneVarError, ButaneError) as e:
@@ -36,8 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         from overlaybd.format.atomic import atomic_write_bytes
 
         # The config carries registry passwords when registry_auth is set: keep it private then.
-        secret = any(v.startswith(("registry_auth=", "registry-auth=")) for v in args.var)
-        atomic_write_bytes(args.output, out.encode(), mode=0o600 if secret else 0o644)
+        atomic_write_bytes(args.output, out.encode(), mode=0o600 if holds_secrets(values) else 0o644)
     else:
         sys.stdout.write(out)
     return 0
