@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import argparse
 
-from .toolrun import LayerOutput, ToolError, parse_block_kib, parse_uuid, parser, run
+from .toolrun import ToolError, parse_block_kib, parse_uuid, parser, run
 
 TOOL = "overlaybd-commit"
-MAX_USER_TAG = 256
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,9 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     return run(TOOL, lambda: commit(args))
 
 
-def commit(args) -> int:
+def commit(args: argparse.Namespace) -> int:
+    """Check the tool's own argument rules, then run the library pipeline."""
     from ..format import lsmt
-    from ..format.fileio import LocalFile
+    from ..format.commit import MAX_USER_TAG, commit_layer
+    from ..format.output import OutputOptions
 
     if args.upload:
         raise ToolError("--upload: pushing while committing is not supported; push the output file instead")
@@ -61,38 +62,27 @@ def commit(args) -> int:
     if args.commit_sealed:
         if len(files) != 2:
             raise ToolError("--commit_sealed takes DATA OUT")
-        data, out = files
-        source_file = LocalFile(data)
-        closers = [source_file]
-        source = lsmt.open_ro(source_file)
-        closers.insert(0, source)
+        data, index, out = files[0], None, files[1]
     else:
         if len(files) != 3:
             raise ToolError("expected DATA INDEX OUT")
         data, index, out = files
-        if args.turbo_oci:
-            # The warp layer's remote mappings (tag 1) point into the original layer tar; they
-            # are copied verbatim, so the target itself is not needed to commit.
-            source = lsmt.open_warp_rw(data, index, readonly=True)
-        else:
-            source = lsmt.open_rw(data, index, readonly=True)
-        closers = [source]
-    try:
-        with LayerOutput(
-            out,
-            force=args.force,
-            zfile=args.compress,
-            tar=args.tar and args.compress,
-            algorithm=args.algorithm,
-            block_size=args.bs,
-            overwrite_header=True,
-            threads=args.compress_threads,
-        ) as sink:
-            if args.turbo_oci:
-                lsmt.commit_warp(source, sink, uuid=args.uuid, parent_uuid=args.parent_uuid)
-            else:
-                lsmt.commit(source, sink, uuid=args.uuid, parent_uuid=args.parent_uuid, user_tag=tag)
-    finally:
-        for c in closers:
-            c.close()
+    options = OutputOptions(
+        zfile=args.compress,
+        algorithm=args.algorithm,
+        block_size=args.bs,
+        tar=args.tar and args.compress,  # upstream: -t only wraps a compressed output
+        threads=args.compress_threads,
+        replace=args.force,
+    )
+    commit_layer(
+        data,
+        index,
+        out,
+        options,
+        uuid=args.uuid,
+        parent_uuid=args.parent_uuid,
+        user_tag=tag,
+        turbo_oci=args.turbo_oci,
+    )
     return 0

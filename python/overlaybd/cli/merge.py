@@ -14,7 +14,9 @@ the layers (headers, indexes) are not recorded.
 
 from __future__ import annotations
 
-from .toolrun import LayerOutput, ToolError, load_service, parse_bool, parser, run
+import argparse
+
+from .toolrun import ToolError, load_service, parse_bool, parser, run
 
 TOOL = "overlaybd-merge"
 
@@ -40,9 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     return run(TOOL, lambda: merge(args))
 
 
-def merge(args) -> int:
+def merge(args: argparse.Namespace) -> int:
+    """Open the config's lowers as the image service does, then run the library merge."""
     from ..config.device import load_device_config
-    from ..format import lsmt
+    from ..format.commit import merge_layers
+    from ..format.output import OutputOptions
     from ..image import close_all, open_lowers, write_result_file
     from ..image.prefetch import TraceRecorder, plan_prefetch
 
@@ -67,8 +71,7 @@ def merge(args) -> int:
         if recorder is not None and not recorder.start():
             recorder = None  # logged by start(); the merge itself goes on
         try:
-            with LayerOutput(args.out, force=args.force, zfile=args.compress, tar=args.tar) as sink:
-                lsmt.merge(layers, sink)
+            merge_layers(layers, args.out, OutputOptions(zfile=args.compress, tar=args.tar, replace=args.force))
         finally:
             if recorder is not None:
                 recorder.stop()  # dumps the trace and `.ok`, even when the merge failed (as a device close)

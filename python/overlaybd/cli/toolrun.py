@@ -18,6 +18,20 @@ from overlaybd import __version__
 
 from ..config.schema import ConfigError
 from ..format.errors import FormatError
+from ..format.output import CHUNK, OutputExists, read_chunks
+
+__all__ = [
+    "CHUNK",
+    "ToolError",
+    "load_service",
+    "parse_block_kib",
+    "parse_bool",
+    "parse_uuid",
+    "parse_vsize",
+    "parser",
+    "read_chunks",
+    "run",
+]
 
 
 class ToolError(Exception):
@@ -34,6 +48,9 @@ def run(tool: str, body: Callable[[], int | None]) -> int:
     """Run `body`, mapping expected errors to `tool: message` on stderr and exit code 1."""
     try:
         return int(body() or 0)
+    except OutputExists as e:
+        print(f"{tool}: {e.path}: output file exists (use -f to replace it)", file=sys.stderr)
+        return 1
     except (ToolError, ConfigError, FormatError) as e:
         print(f"{tool}: {e}", file=sys.stderr)
         return 1
@@ -115,85 +132,6 @@ def parse_block_kib(text: str) -> int:
     return kb * 1024
 
 
-class LayerOutput:
-    """A layer output file, optionally ZFile-compressed and tar-wrapped, visible only after finish().
-
-    Built on AtomicOutput: a crash or error at any point leaves no file at `path` (or the
-    previous one when overwriting with -f), never a half-written layer that opens as valid.
-    Upstream unlinks an existing output first with -f; we replace it atomically at the end.
-    """
-
-    def __init__(
-        self,
-        path: str,
-        *,
-        force: bool,
-        zfile: bool = False,
-        tar: bool = False,
-        algorithm: str = "lz4",
-        block_size: int = 4096,
-        overwrite_header: bool = False,
-        threads: int | None = None,
-    ) -> None:
-        from ..format.atomic import AtomicOutput
-
-        if os.path.lexists(path) and not force:
-            raise ToolError(f"{path}: output file exists (use -f to replace it)")
-        self.path = path
-        self.atomic = AtomicOutput(path)
-        self._closers: list = []
-        sink = self.atomic
-        try:
-            if tar:
-                from ..format.tarwrap import TarWrapWriter
-
-                sink = TarWrapWriter(sink)
-                self._closers.insert(0, sink)
-            if zfile:
-                from ..format.zfile import ZFileBuilder
-
-                sink = ZFileBuilder(
-                    sink,
-                    algorithm=algorithm,
-                    block_size=block_size,
-                    verify=True,
-                    overwrite_header=overwrite_header,
-                    threads=threads,
-                )
-                self._closers.insert(0, sink)
-        except BaseException:
-            self.atomic.abort()
-            raise
-        self.sink = sink
-
-    def write(self, data) -> int:
-        return self.sink.write(data)
-
-    def finish(self) -> None:
-        for c in self._closers:
-            c.close()
-        self.atomic.commit()
-
-    def abort(self) -> None:
-        for c in self._closers:
-            stop = getattr(c, "abort", None)
-            if stop is not None:
-                try:
-                    stop()
-                except Exception:  # already failing; the temp file is removed below regardless
-                    pass
-        self.atomic.abort()
-
-    def __enter__(self) -> LayerOutput:
-        return self
-
-    def __exit__(self, et, ev, tb) -> None:
-        if et is None:
-            self.finish()
-        else:
-            self.abort()
-
-
 def load_service(path: str | None):
     """overlaybd.json for tools: an explicit path must load; the default path is optional here.
 
@@ -207,23 +145,3 @@ def load_service(path: str | None):
     if os.path.exists(DEFAULT_PATH):
         return load_service_config(DEFAULT_PATH)
     return default_service_config()
-
-
-CHUNK = 1 << 20
-
-
-def read_chunks(img):
-    """Yield memoryviews over all of `img` (a RandomAccessFile) in order, reusing one 1 MiB buffer.
-
-    Each view is valid until the next one is taken; a short read is an error naming the file.
-    """
-    size = img.size()
-    view = memoryview(bytearray(CHUNK))
-    off = 0
-    while off < size:
-        want = min(CHUNK, size - off)
-        n = img.pread_into(view[:want], off)
-        if n != want:
-            raise ToolError(f"{img.name}: short read at offset {off}: {n} of {want} bytes")
-        yield view[:want]
-        off += want

@@ -11,10 +11,11 @@ Inputs are unwrapped from a tar wrapper when they have one.
 
 from __future__ import annotations
 
+import argparse
 import sys
 import tempfile
 
-from .toolrun import CHUNK, LayerOutput, ToolError, parse_block_kib, parser, read_chunks, run
+from .toolrun import CHUNK, ToolError, parse_block_kib, parser, run
 
 TOOL = "overlaybd-zfile"
 
@@ -60,18 +61,17 @@ def _open_source(path: str | None):
     return f, [f]
 
 
-def zfile_tool(args) -> int:
-    from ..format import tarwrap, zfile
+def zfile_tool(args: argparse.Namespace) -> int:
+    """Pick the form from the arguments; the work is the library's (format.commit)."""
+    from ..format.commit import compress_file, decompress_file, verify_zfile
+    from ..format.output import OutputOptions
 
     if args.verify:
         if args.dst is not None:
             raise ToolError("--verify takes a single SRC")
         f, closers = _open_source(args.src)
         try:
-            payload = tarwrap.open_tar(f) or f
-            if not zfile.is_zfile(payload):
-                raise ToolError(f"{f.name}: not a ZFile")
-            zfile.verify_blocks(payload)
+            verify_zfile(f)
         finally:
             for c in closers:
                 c.close()
@@ -88,20 +88,12 @@ def zfile_tool(args) -> int:
     f, closers = _open_source(src_path)
     try:
         if args.extract:
-            payload = tarwrap.open_tar(f) or f
-            if not zfile.is_zfile(payload):
-                raise ToolError(f"{f.name}: not a ZFile")
-            zf = zfile.open_zfile(payload)
-            closers.insert(0, zf)
-            with LayerOutput(dst, force=args.force) as out:
-                for piece in read_chunks(zf):
-                    out.write(piece)
+            decompress_file(f, dst, replace=args.force)
         else:
-            with LayerOutput(
-                dst, force=args.force, zfile=True, tar=args.tar, algorithm=args.algorithm, block_size=args.bs
-            ) as out:
-                for piece in read_chunks(f):  # ZFileBuilder copies what it is given
-                    out.write(piece)
+            options = OutputOptions(
+                zfile=True, algorithm=args.algorithm, block_size=args.bs, tar=args.tar, replace=args.force
+            )
+            compress_file(f, dst, options)
     finally:
         for c in closers:
             c.close()

@@ -85,8 +85,10 @@ def writable_device(config: str, work: str) -> Iterator[str]:
 
 def build_layer(index: int, layer_stream: Any, layer_name: str, lowers: list[str], work: str, opts: Options) -> str:
     """Apply one OCI layer onto a new writable overlaybd layer over `lowers`; returns the committed blob path."""
-    from ..cli.commit import main as commit_main
     from ..format import lsmt
+    from ..format.commit import commit_layer
+    from ..format.errors import FormatError
+    from ..format.output import OutputOptions
 
     d = os.path.join(work, f"layer{index}")
     os.makedirs(d)
@@ -117,9 +119,11 @@ def build_layer(index: int, layer_stream: Any, layer_name: str, lowers: list[str
         finally:
             umount(mnt)
     out = os.path.join(d, "overlaybd.commit")
-    rc = commit_main(["-z", "-t", "--algorithm", opts.algorithm, "--bs", str(opts.block_kib), data, idx, out])
-    if rc != 0:
-        raise ConvertError(f"layer {index} ({layer_name}): overlaybd-commit failed (exit {rc})")
+    blob = OutputOptions(zfile=True, tar=True, algorithm=opts.algorithm, block_size=opts.block_kib * 1024)
+    try:  # as `overlaybd-commit -z -t`: a tar-wrapped ZFile, the layer blob
+        commit_layer(data, idx, out, blob)
+    except FormatError as e:
+        raise ConvertError(f"layer {index} ({layer_name}): commit failed: {e}") from e
     os.unlink(data)
     os.unlink(idx)
     return out

@@ -26,7 +26,7 @@ class AtomicOutput:
         self.name = self.path
         self._done = False
 
-    def write(self, data: bytes | memoryview) -> int:
+    def write(self, data: bytes | bytearray | memoryview) -> int:
         return self.file.write(data)
 
     def seek(self, offset: int, whence: int = 0) -> int:
@@ -35,7 +35,7 @@ class AtomicOutput:
     def tell(self) -> int:
         return self.file.tell()
 
-    def pwrite(self, data: bytes | memoryview, offset: int) -> None:
+    def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
         """Overwrite bytes at `offset` without moving the append position."""
         pos = self.file.tell()
         self.file.seek(offset)

@@ -248,7 +248,9 @@ def compact(
     out.write(trailer.pack())
 
 
-def _commit_header(vsize: int, uuid: str | None, parent_uuid: str | None, default_parent: str, tag: bytes):
+def _commit_header(
+    vsize: int, uuid: str | None, parent_uuid: str | None, default_parent: str, tag: bytes
+) -> HeaderTrailer:
     return HeaderTrailer(
         flags=FLAG_HEADER | FLAG_DATA | FLAG_SEALED,
         index_offset=0,

@@ -88,10 +88,6 @@ class ReadOnlyLayer:
         n = self.pread_into(memoryview(buf), offset)
         return bytes(buf[:n])
 
-    def allocated_sectors(self) -> int:
-        """Sectors backed by data (upstream fstat st_blocks)."""
-        return sum(n for n, z in zip(self.index.lens, self.index.zeros, strict=True) if not z)
-
     def close(self) -> None:
         self.file.close()
 

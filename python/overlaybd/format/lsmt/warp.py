@@ -58,7 +58,7 @@ class WarpSources:
         self.own = own
         self.target = target
         self.name = own.name
-        self.fd = getattr(own, "fd", -1)
+        self.fd: int = getattr(own, "fd", -1)
 
     def size(self) -> int:
         """End of the combined space (the target's end above TARGET_BASE)."""
@@ -255,7 +255,7 @@ class WarpWritableLayer(WritableLayer):
         pos = 0
         while pos < n:
             step = min(n - pos, step_bytes)
-            _pwrite_all(self.fsmeta.fd, view[pos : pos + step], offset + pos)
+            _pwrite_all(self.sources.fd, view[pos : pos + step], offset + pos)
             sec = (offset + pos) // SECTOR
             with self._lock:
                 self._append(sec, step // SECTOR, sec, False, TAG_FSMETA, sec)
@@ -282,7 +282,7 @@ class WarpWritableLayer(WritableLayer):
     def discard(self, offset: int, length: int) -> None:
         """Zeroed mapping (masks lowers) at the fsmeta EOF cursor, like upstream's LSMTFile."""
         self._check_range("discard", offset, length)
-        cursor = os.fstat(self.fsmeta.fd).st_size // SECTOR
+        cursor = os.fstat(self.sources.fd).st_size // SECTOR
         sec, left = offset // SECTOR, length // SECTOR
         while left > 0:
             step = min(left, MAX_LENGTH)
@@ -299,11 +299,11 @@ class WarpWritableLayer(WritableLayer):
         assert self.index_file is not None and self.index_header is not None
         self.index_header.virtual_size = vsize
         self.index_file.pwrite(self.index_header.pack(), 0)
-        os.ftruncate(self.fsmeta.fd, vsize)
+        os.ftruncate(self.sources.fd, vsize)
         self.vsize = vsize
 
     def fsync(self) -> None:
-        os.fsync(self.fsmeta.fd)
+        os.fsync(self.sources.fd)
         if self.index_file is not None:
             os.fsync(self.index_file.fd)
 

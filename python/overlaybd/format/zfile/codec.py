@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from typing import cast
 
-import lz4.block
+import lz4.block  # type: ignore[import-untyped]  # no stubs; the casts below give its results types
 import zstandard
 
 from .header import ALGO_LZ4, ALGO_ZSTD
@@ -46,7 +47,7 @@ def _zstd_dctx() -> zstandard.ZstdDecompressor:
 
 
 def _lz4_compress(data: Buffer) -> bytes:
-    return lz4.block.compress(data, mode="default", store_size=False)
+    return cast(bytes, lz4.block.compress(data, mode="default", store_size=False))
 
 
 def _zstd_compress(data: Buffer) -> bytes:
@@ -69,7 +70,7 @@ lz4_block_decompress = lz4.block.decompress
 
 def _lz4_decompress(data: Buffer, capacity: int) -> bytes:
     try:
-        return lz4.block.decompress(data, capacity)
+        return cast(bytes, lz4.block.decompress(data, capacity))
     except lz4.block.LZ4BlockError as e:
         raise DecodeError(f"lz4: {e}") from e
 

@@ -139,7 +139,7 @@ class ZFileReader:
         if h.verify not in (0, 1):
             raise FormatError(self.name, "opt.verify", f"expected 0 or 1, found {h.verify}")
 
-    def _load_jump_table(self, h: ZFileHeader, index_limit: int) -> array:
+    def _load_jump_table(self, h: ZFileHeader, index_limit: int) -> array[int]:
         n = h.index_size
         file_size = self._f.size()
         need = -(-h.original_file_size // h.block_size)
@@ -302,7 +302,7 @@ class ZFileReader:
                 a = offs[k] - span_start
                 b = offs[k + 1] - span_start
                 stored = span[a:b]
-                raw = None
+                raw: memoryview | bytes | None = None
                 if crc_len:
                     if _std_crc32c(stored, _STD_BLOCK_SEED) == _MASK:
                         raw = span[a : b - 4]
