@@ -31,7 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
-from overlaybd.config.device import device_config_from_dict  # noqa: E402
+from overlaybd.config.image_config import device_config_from_dict  # noqa: E402
 from overlaybd.config.service import service_config_from_dict  # noqa: E402
 from overlaybd.format.fileio import LocalFile  # noqa: E402
 from overlaybd.image.image import open_image  # noqa: E402

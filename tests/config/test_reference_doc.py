@@ -4,19 +4,30 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from overlaybd.config import reference
+from overlaybd.config import reference_doc
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def test_readme_reference_is_current() -> None:
     text = README.read_text()
-    assert reference.splice(text, reference.render()) == text, (
-        "README.md configuration reference is stale: run python -m overlaybd.config.reference --update README.md"
+    assert reference_doc.splice(text, reference_doc.render()) == text, (
+        "README.md configuration reference is stale: run python -m overlaybd.config.reference_doc --update README.md"
     )
 
 
-def test_every_overlaybd_json_field_is_documented() -> None:
-    block = reference.render()
-    for key in ("cacheConfig.cacheSizeGB", "credentialConfig.path", "download.maxMBps", "p2pConfig.address"):
+def test_every_file_and_new_setting_is_documented() -> None:
+    block = reference_doc.render()
+    for key in (
+        "cacheConfig.cacheSizeGB",
+        "credentialConfig.path",
+        "download.maxMBps",
+        "p2pConfig.address",
+        "readDeadlineSec",
+        "lowers",
+        "gzipIndex",
+        "traceDir",
+        "overlaybdConfigPath",
+        "mirrorRegistry",
+    ):
         assert f"`{key}`" in block

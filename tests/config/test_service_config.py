@@ -7,7 +7,6 @@ import logging
 from pathlib import Path
 
 import pytest
-from overlaybd.config.schema import snake
 from overlaybd.config.service import (
     SERVICE,
     ConfigError,
@@ -117,7 +116,7 @@ def test_not_an_object(tmp_path: Path) -> None:
     [
         ({"cacheConfig": {"cacheSizeGB": "4"}}, "cacheConfig.cacheSizeGB", 'expected integer, got "4"'),
         ({"cacheConfig": {"cacheSizeGB": -1}}, "cacheConfig.cacheSizeGB", "expected non-negative integer"),
-        ({"cacheConfig": {"cacheSizeGB": 2**32}}, "cacheConfig.cacheSizeGB", "larger than"),
+        ({"cacheConfig": {"cacheSizeGB": 2**32}}, "cacheConfig.cacheSizeGB", "must be <= 4294967295"),
         ({"cacheConfig": {"cacheSizeGB": 1.5}}, "cacheConfig.cacheSizeGB", "expected integer, got 1.5"),
         ({"cacheConfig": {"cacheSizeGB": True}}, "cacheConfig.cacheSizeGB", "expected integer, got true"),
         ({"cacheConfig": {"cacheType": "ram"}}, "cacheConfig.cacheType", "expected one of"),
@@ -128,13 +127,18 @@ def test_not_an_object(tmp_path: Path) -> None:
         ({"auditPath": 7}, "auditPath", "expected string, got 7"),
         ({"auditPath": None}, "auditPath", "expected string, got null"),
         ({"ioEngine": 3}, "ioEngine", "must be <= 2"),
+        ({"readDeadlineSec": 0}, "readDeadlineSec", "expected integer >= 1, got 0"),
+        ({"readDeadlineSec": 3601}, "readDeadlineSec", "must be <= 3600"),
+        ({"readDeadlineSec": "30"}, "readDeadlineSec", "expected integer"),
+        ({"registryCacheDir": 5}, "registryCacheDir", "expected string"),
+        ({"logConfig": {"logPath": "/a\0b"}}, "logConfig.logPath", "NUL"),
         ({"download": {"maxMBps": "fast"}}, "download.maxMBps", "expected integer"),
-        ({"exporterConfig": {"port": 70000}}, "exporterConfig.port", "TCP port"),
+        ({"exporterConfig": {"port": 70000}}, "exporterConfig.port", "must be <= 65535"),
         ({"p2pConfig": {"enable": "true"}}, "p2pConfig.enable", "expected boolean"),
         ({"registryFsVersion": "v3"}, "registryFsVersion", "expected one of"),
         ({"logConfig": {"logLevel": 9}}, "logConfig.logLevel", "must be <= 3"),
         ({"credentialConfig": {"timeout": "1"}}, "credentialConfig.timeout", "expected integer"),
-        ({"prefetchConfig": {"concurrency": 0}}, "prefetchConfig.concurrency", "must be > 0"),
+        ({"prefetchConfig": {"concurrency": 0}}, "prefetchConfig.concurrency", "expected integer >= 1"),
     ],
 )
 def test_wrong_types_name_file_and_field(tmp_path: Path, doc: dict, field: str, expect: str) -> None:
@@ -161,17 +165,24 @@ def test_integral_float_accepted() -> None:
     assert cfg.cache_config.cache_size_gb == 8
 
 
-def test_attribute_names_are_mechanical_snake_case() -> None:
-    assert snake("cacheSizeGB") == "cache_size_gb"
-    assert snake("maxMBps") == "max_mbps"
-    assert snake("uriPrefix") == "uri_prefix"
-    assert snake("p2pConfig") == "p2p_config"
-    assert snake("client_cert_path") == "client_cert_path"
-    cfg = default_service_config()
-    assert cfg.exporter_config.uri_prefix == "/metrics"
-    assert cfg.p2p_config.enable is False
-    assert cfg.cert_config.cert_file == ""
-    assert cfg.log_config.log_size_mb == 10
+def test_read_deadline() -> None:
+    assert default_service_config().read_deadline_sec == 30
+    assert service_config_from_dict({"readDeadlineSec": 5}).read_deadline_sec == 5
+
+
+def test_legacy_keys_do_not_warn_and_empty_modern_values_fall_back(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING):
+        cfg = service_config_from_dict(
+            {
+                "cacheConfig": {"cacheType": "", "cacheDir": ""},
+                "cacheType": "ocf",
+                "registryCacheDir": "/c",
+                "logPath": "/l",
+            }
+        )
+    assert caplog.text == ""
+    assert (cfg.cache_config.cache_type, cfg.cache_config.cache_dir, cfg.log_config.log_path) == ("ocf", "/c", "/l")
+    assert service_config_from_dict({"userAgent": ""}).user_agent.startswith("overlaybd/")
 
 
 def test_round_trip_through_json() -> None:
@@ -182,15 +193,10 @@ def test_round_trip_through_json() -> None:
 
 def test_reference_markdown_covers_every_setting() -> None:
     md = reference_markdown()
-
-    def keys(section, prefix=""):
-        for m in section.members:
-            k = f"{prefix}.{m.key}" if prefix else m.key
-            if hasattr(m, "members"):
-                yield from keys(m, k)
-            else:
-                yield k
-
-    for k in keys(SERVICE):
-        assert f"| `{k}` |" in md
-    assert "`cache_config.cache_size_gb`" in md
+    for table in SERVICE.subtables():
+        for row in table.rows:
+            if row.kind != "section":
+                assert f"`{row.key}` |" in md or f".{row.key}` |" in md, row.key
+            for alias in row.aliases:
+                assert f"`{alias}`" in md
+    assert "`cache_config.cache_size_gb`" in md and "`read_deadline_sec`" in md

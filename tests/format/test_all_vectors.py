@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from disk_hash import logical_sha256
-from overlaybd.config.device import load_device_config
+from overlaybd.config.image_config import load_device_config
 from overlaybd.config.service import load_service_config
 from overlaybd.format import lsmt
 from overlaybd.format.fileio import LocalFile

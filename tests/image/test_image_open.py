@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from disk_hash import logical_sha256
 from image_helpers import L0_SHA, L01_SHA
-from overlaybd.config.device import device_config_from_dict
+from overlaybd.config.image_config import device_config_from_dict
 from overlaybd.format.errors import ReadOnly
 from overlaybd.format.fileio import LocalFile
 from overlaybd.image import ImageOpenError, LayerOpenError, open_image

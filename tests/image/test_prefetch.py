@@ -6,6 +6,7 @@ vectors/trace/trace.config.v1.json; trace/trace.bin is upstream's recording of t
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 from disk_hash import logical_sha256 as disk_sha
 from image_helpers import L01_SHA
-from overlaybd.config.device import device_config_from_dict
+from overlaybd.config.image_config import device_config_from_dict
 from overlaybd.format import opener
 from overlaybd.format.fileio import LocalFile
 from overlaybd.format.trace import RECORD, TraceRecord, encode_trace, read_trace, write_trace
@@ -390,10 +391,7 @@ def test_replay_fills_registry_cache(tmp_path: Path, vectors: Path) -> None:
         untraced = (4096, 8 * MiB + 900 * 1024)
 
         def config(**extra):
-            cfg = device(url, layers)
-            for k, v in extra.items():
-                setattr(cfg, k, v)
-            return cfg
+            return dataclasses.replace(device(url, layers), **extra)
 
         trace = tmp_path / "trace.bin"
         trace.touch()

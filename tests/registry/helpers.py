@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from overlaybd.config.device import device_config_from_dict
+from overlaybd.config.image_config import device_config_from_dict
 from overlaybd.config.service import service_config_from_dict
 
 

@@ -30,11 +30,20 @@ def test_shipped_file_and_defaults(tmp_path):
     cfg = load_config(write(tmp_path, SHIPPED))
     assert cfg.root == SHIPPED["root"] and cfg.address == SHIPPED["address"]
     assert cfg.rw_mode == "overlayfs" and cfg.writable_layer_type == "append" and cfg.default_fs_type == "ext4"
-    assert cfg.tenant == -1 and cfg.exporter_config.port == 9863 and cfg.turbo_fs_type == ["erofs", "ext4"]
-    assert not cfg.async_remove and cfg.mirror_registry == []
+    assert cfg.tenant == -1 and cfg.exporter_config.port == 9863 and cfg.turbo_fs_type == ("erofs", "ext4")
+    assert not cfg.async_remove and cfg.mirror_registry == ()
     again = load_config(write(tmp_path, config_to_dict(cfg)))
     assert config_to_dict(again) == config_to_dict(cfg)
     assert "`writableLayerType`" in reference_markdown()
+    assert cfg.trace_dir == SHIPPED["root"] + "/trace"
+    assert cfg.overlaybd_config_path == "/etc/overlaybd/overlaybd.json"
+
+
+def test_trace_dir_and_overlaybd_json_path(tmp_path):
+    cfg = load_config(write(tmp_path, {**SHIPPED, "root": "/srv/snap"}))
+    assert cfg.trace_dir == "/srv/snap/trace"
+    cfg = load_config(write(tmp_path, {**SHIPPED, "traceDir": "/srv/traces", "overlaybdConfigPath": "/o.json"}))
+    assert (cfg.trace_dir, cfg.overlaybd_config_path) == ("/srv/traces", "/o.json")
 
 
 def test_mirrors_and_turbo(tmp_path):
@@ -49,7 +58,7 @@ def test_mirrors_and_turbo(tmp_path):
         )
     )
     assert cfg.insecure_hosts() == {"127.0.0.1:5000"}
-    assert cfg.turbo_fs_type == ["erofs", "ext4"]
+    assert cfg.turbo_fs_type == ("erofs", "ext4")
 
 
 @pytest.mark.parametrize(
@@ -68,6 +77,10 @@ def test_mirrors_and_turbo(tmp_path):
         ({"mirrorRegistry": [{"insecure": True}]}, "mirrorRegistry[0].host"),
         ({"mirrorRegistry": [{"host": "h", "insecure": "no"}]}, "mirrorRegistry[0].insecure"),
         ({"turboFsType": "erofs"}, "turboFsType"),
+        ({"turboFsType": ["ext4", 1]}, "turboFsType[1]"),
+        ({"traceDir": "relative"}, "traceDir"),
+        ({"overlaybdConfigPath": ""}, "overlaybdConfigPath"),
+        ({"root": "/a\0b"}, "root"),
     ],
 )
 def test_errors_name_file_and_field(tmp_path, patch, field):

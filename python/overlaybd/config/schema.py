@@ -1,31 +1,51 @@
-"""Table-driven JSON config models: one table of settings drives parsing, defaults and docs.
+"""Table-driven config files: one settings table per file drives parsing, defaults and docs.
 
-Why: upstream's C++ config structs, its example files and its docs drift apart. Here
-each config file is described once (`Section` of `Setting`s, JSON keys spelled as
-upstream spells them); the Python dataclasses, the parser with its error messages and
-the reference markdown are all generated from that description. Attribute names are
-the JSON keys converted mechanically to snake_case (`cacheSizeGB` -> `cache_size_gb`,
-`maxMBps` -> `max_mbps`), so nobody has to remember a second spelling.
+Why: upstream's C++/Go structs, its example files and its docs drift apart. As systemd's mkosi
+does in `mkosi/config.py`, each file here is an explicit, typed, frozen dataclass (one nested
+dataclass per JSON object) plus one table of `Setting` rows. A row names the JSON key as upstream
+spells it, the dataclass field it fills, its kind, default, bounds, legacy aliases and meaning.
+`parse_document`/`parse_section` are the only parser of all three files (overlaybd.json,
+config.v1.json, the snapshotter's config.json), `markdown_tables` renders the README reference
+from the same rows, and tests/config/test_tables.py checks that rows and fields agree.
+
+Every input is bounded before it is trusted: file size, nesting depth, integer digits, string
+length, list length, NUL characters; each failure is one `ConfigError` line naming file and field.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
+import math
 import os
 import re
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+import stat
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final, Generic, Literal, TypeVar
 
 log = logging.getLogger(__name__)
 
-U32_MAX = 2**32 - 1
+MAX_FILE_BYTES: Final = 1 << 20  # the largest real config (255 lowers) is ~100 KiB
+MAX_DEPTH: Final = 32  # real files nest 3 deep; json's C scanner recurses per level
+MAX_STRING: Final = 4096  # PATH_MAX; also bounds URLs and every error message echo
+MAX_INT_DIGITS: Final = 20  # 2**64 has 20 digits; Python refuses int("9" * 4301) with a traceback
+MAX_ITEMS: Final = 64  # list length unless a row says otherwise
+MAX_UNKNOWN_WARNINGS: Final = 20  # per file, so a hostile file cannot flood the log
+
+I32: Final = (-(2**31), 2**31 - 1)
+U32: Final = (0, 2**32 - 1)
+U64: Final = (0, 2**64 - 1)
+
+Kind = Literal["bool", "int", "str", "section", "optional", "sections", "strings"]
+"""`section`: nested object, absent = all its defaults; `optional`: nested object, absent = None;
+`sections`: array of objects; `strings`: array of strings. Lists are tuples in the dataclasses."""
+
+T = TypeVar("T")
 
 
 class ConfigError(ValueError):
-    """A config file is missing, not JSON, or has a field of the wrong type/value.
+    """A config file is missing, not JSON, too big/deep, or has a field of the wrong type/value.
 
     `str()` is one line naming the file and the dotted field, suitable for stderr/logs.
     """
@@ -37,159 +57,117 @@ class ConfigError(ValueError):
         super().__init__(f"{path}: {field}: {message}" if field else f"{path}: {message}")
 
 
-def snake(key: str) -> str:
-    """`cacheSizeGB` -> `cache_size_gb`, `maxMBps` -> `max_mbps`, `p2pConfig` -> `p2p_config`."""
-    return re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", key).lower()
+class _Required:
+    """Default of a row that has none: the key must be present."""
+
+    def __repr__(self) -> str:
+        return "REQUIRED"
 
 
-# kind -> (python type, JSON type name used in error messages)
-KINDS: dict[str, tuple[type, str]] = {
-    "u32": (int, "integer"),
-    "int": (int, "integer"),
-    "u64": (int, "integer"),
-    "bool": (bool, "boolean"),
-    "str": (str, "string"),
-}
+REQUIRED: Final = _Required()
 
 
 @dataclass(frozen=True)
 class Setting:
-    """One scalar JSON field: upstream key, kind, default, one-line doc, optional extra check."""
+    """One row: JSON `key` -> dataclass `field`, how to check it, its default and its doc."""
 
     key: str
-    kind: str
-    default: Any
+    field: str
+    kind: Kind
+    default: object
     doc: str
-    check: Callable[[Any], str | None] | None = None  # returns an error message or None
-
-    @property
-    def attr(self) -> str:
-        return snake(self.key)
+    lo: int = I32[0]  # int bounds, inclusive
+    hi: int = I32[1]
+    choices: tuple[str, ...] = ()  # str: allowed values
+    check: Callable[[Any], str | None] | None = None  # extra rule: error message or None
+    aliases: tuple[str, ...] = ()  # legacy top-level keys read when `key` is absent
+    empty_is_unset: bool = False  # "" counts as absent (upstream's fallback rule)
+    null_is_unset: bool = False  # JSON null counts as absent (Go's zero value)
+    absolute: bool = False  # str: must be an absolute path
+    max_len: int = MAX_STRING
+    max_items: int = MAX_ITEMS
+    table: Table[Any] | None = None  # section kinds: the nested table
+    shown_default: str = ""  # README text when the default is computed or not a literal
 
 
 @dataclass(frozen=True)
-class Section:
-    """A JSON object: its key in the parent ("" for the document root) and its members."""
+class Table(Generic[T]):
+    """The rows of one JSON object and the frozen dataclass they fill."""
 
-    key: str
-    class_name: str
-    members: tuple[Setting | Section, ...]
-    doc: str = ""
+    cls: type[T]
+    rows: tuple[Setting, ...]
     ignored: tuple[str, ...] = ()  # keys upstream writers emit but nobody reads (no warning)
+    path_field: str = ""  # dataclass field that receives the file's path (not a JSON key)
+    # cross-field rules and derived values: (parsed object, file, dotted prefix) -> object
+    finish: Callable[[T, str, str], T] | None = field(default=None, compare=False)
 
-    @property
-    def attr(self) -> str:
-        return snake(self.key)
+    def subtables(self) -> list[Table[Any]]:
+        """This table and every nested one, depth first (for docs and the agreement test)."""
+        out: list[Table[Any]] = [self]
+        for row in self.rows:
+            if row.table is not None:
+                out.extend(row.table.subtables())
+        return out
 
-
-_CLASSES: dict[int, type] = {}
-
-
-def model(section: Section, module: str = __name__) -> type:
-    """The dataclass generated for `section` (built once, cached); `module` is where it is importable from."""
-    cls = _CLASSES.get(id(section))
-    if cls is not None:
-        return cls
-    fields: list[tuple[str, Any, Any]] = []
-    for m in section.members:
-        if isinstance(m, Section):
-            sub = model(m, module)
-            fields.append((m.attr, sub, dataclasses.field(default_factory=sub)))
-        else:
-            fields.append((m.attr, KINDS[m.kind][0], dataclasses.field(default=m.default)))
-    cls = dataclasses.make_dataclass(section.class_name, fields)
-    cls.__module__ = module
-    cls.__doc__ = section.doc or f"{section.class_name} (generated from its settings table)."
-    _CLASSES[id(section)] = cls
-    return cls
+    def alias_keys(self) -> set[str]:
+        """Legacy top-level keys read by any row of this table or a nested one."""
+        keys = {a for t in self.subtables() for row in t.rows for a in row.aliases}
+        return keys
 
 
-def models(section: Section, module: str = __name__) -> dict[str, type]:
-    """Every generated class of `section` and its subsections, by class name (to export from a module)."""
-    out = {section.class_name: model(section, module)}
-    for m in section.members:
-        if isinstance(m, Section):
-            out.update(models(m, module))
-    return out
+class _HugeInt:
+    """What the JSON decoder yields for an integer of absurd length, reported later with its field."""
+
+    def __init__(self, digits: int) -> None:
+        self.digits = digits
 
 
-def _type_error(path: str, field: str, kind: str, value: Any) -> ConfigError:
-    return ConfigError(path, field, f"expected {KINDS[kind][1]}, got {json.dumps(value)}")
+def _parse_int(text: str) -> int | _HugeInt:
+    return int(text) if len(text) <= MAX_INT_DIGITS else _HugeInt(len(text))
 
 
-def check_value(path: str, field: str, setting: Setting, value: Any) -> Any:
-    """Validate one JSON value against its setting; return the Python value."""
-    kind = setting.kind
-    if kind == "bool":
-        if not isinstance(value, bool):
-            raise _type_error(path, field, kind, value)
-    elif kind in ("u32", "int", "u64"):
-        if isinstance(value, bool) or not isinstance(value, int):
-            # upstream's JSON library accepts 4.0 for an integer; we do too, nothing else.
-            if isinstance(value, float) and value.is_integer():
-                value = int(value)
-            else:
-                raise _type_error(path, field, kind, value)
-        if kind in ("u32", "u64") and value < 0:
-            raise ConfigError(path, field, f"expected non-negative integer, got {value}")
-        if kind == "u32" and value > U32_MAX:
-            raise ConfigError(path, field, f"{value} is larger than {U32_MAX}")
-        if kind == "int" and not -(2**31) <= value < 2**31:
-            raise ConfigError(path, field, f"{value} does not fit a 32-bit integer")
-    elif kind == "str":
-        if not isinstance(value, str):
-            raise _type_error(path, field, kind, value)
-    if setting.check is not None:
-        msg = setting.check(value)
-        if msg:
-            raise ConfigError(path, field, msg)
-    return value
-
-
-def parse_section(section: Section, data: Any, path: str, prefix: str = "") -> Any:
-    """Build the dataclass of `section` from parsed JSON `data`; unknown keys are logged, not fatal."""
-    where = prefix or "(top level)"
-    if not isinstance(data, dict):
-        raise ConfigError(path, where, f"expected object, got {json.dumps(data)[:60]}")
-    cls = model(section)
-    kwargs: dict[str, Any] = {}
-    known = {m.key: m for m in section.members}
-    for key, value in data.items():
-        field = f"{prefix}.{key}" if prefix else key
-        member = known.get(key)
-        if member is None:
-            if key not in section.ignored:
-                log.warning("%s: %s: unknown field ignored", path, field)
-            continue
-        if isinstance(member, Section):
-            kwargs[member.attr] = parse_section(member, value, path, field)
-        else:
-            kwargs[member.attr] = check_value(path, field, member, value)
-    return cls(**kwargs)
-
-
-def to_json_dict(section: Section, obj: Any, *, skip_defaults: bool = False) -> dict[str, Any]:
-    """The JSON object (upstream key spelling) for a generated dataclass instance."""
-    out: dict[str, Any] = {}
-    for m in section.members:
-        value = getattr(obj, m.attr)
-        if isinstance(m, Section):
-            sub = to_json_dict(m, value, skip_defaults=skip_defaults)
-            if sub or not skip_defaults:
-                out[m.key] = sub
-        elif not (skip_defaults and value == m.default):
-            out[m.key] = value
-    return out
-
-
-def read_json(path: str | os.PathLike[str]) -> Any:
-    """Load a JSON file; errors name the file (and line/column for syntax errors)."""
-    p = os.fspath(path)
+def show(value: object, limit: int = 60) -> str:
+    """A short JSON rendering of `value` for error messages (never echoes a huge input)."""
+    if isinstance(value, _HugeInt):
+        return f"a {value.digits}-digit number"
+    if isinstance(value, str) and len(value) > limit:
+        return json.dumps(value[:limit]) + "..."
     try:
-        with open(p, "rb") as f:
-            raw = f.read(16 << 20)
-            if f.read(1):
-                raise ConfigError(p, "", "file larger than 16 MiB, not a config file")
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+_TOKENS = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]')
+
+
+def _check_depth(path: str, text: str) -> None:
+    """Refuse nesting deeper than MAX_DEPTH before json.loads recurses into it."""
+    if text.count("[") + text.count("{") <= MAX_DEPTH:
+        return
+    depth = 0
+    for m in _TOKENS.finditer(text):
+        c = m.group()
+        if c == "[" or c == "{":
+            depth += 1
+            if depth > MAX_DEPTH:
+                pos = m.start()
+                line = text.count("\n", 0, pos) + 1
+                col = pos - text.rfind("\n", 0, pos)
+                raise ConfigError(path, f"line {line} column {col}", f"nested deeper than {MAX_DEPTH} levels")
+        elif c == "]" or c == "}":
+            depth -= 1
+
+
+def read_json(path: str | os.PathLike[str]) -> object:
+    """Load a JSON file in bounded time and memory; errors name the file (and line/column)."""
+    p = os.fspath(path)
+    if "\0" in p:
+        raise ConfigError(p.replace("\0", "\\0"), "", "path contains a NUL character")
+    try:
+        # O_NONBLOCK: a FIFO must not hang the reader; it is refused below as not a regular file.
+        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError as e:
         raise ConfigError(p, "", "file not found") from e
     except IsADirectoryError as e:
@@ -197,38 +175,264 @@ def read_json(path: str | os.PathLike[str]) -> Any:
     except OSError as e:
         raise ConfigError(p, "", f"cannot read: {e.strerror}") from e
     try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise ConfigError(p, "", "is a directory, expected a JSON file")
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(p, "", "not a regular file")
+        if st.st_size > MAX_FILE_BYTES:
+            raise ConfigError(p, "", f"file larger than {MAX_FILE_BYTES >> 20} MiB, not a config file")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            raw = f.read(MAX_FILE_BYTES + 1)
+    except OSError as e:
+        raise ConfigError(p, "", f"cannot read: {e.strerror}") from e
+    finally:
+        os.close(fd)
+    if len(raw) > MAX_FILE_BYTES:
+        raise ConfigError(p, "", f"file larger than {MAX_FILE_BYTES >> 20} MiB, not a config file")
+    try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ConfigError(p, "", f"not UTF-8 at byte {e.start}") from e
+    return parse_json_text(text, p)
+
+
+def parse_json_text(text: str, path: str) -> object:
+    """`json.loads` with the depth and integer-size bounds; errors name `path`."""
+    if len(text) > MAX_FILE_BYTES:
+        raise ConfigError(path, "", f"larger than {MAX_FILE_BYTES >> 20} MiB, not a config file")
+    _check_depth(path, text)
     try:
-        return json.loads(text)
+        return json.loads(text, parse_int=_parse_int)
     except json.JSONDecodeError as e:
-        raise ConfigError(p, f"line {e.lineno} column {e.colno}", f"invalid JSON: {e.msg}") from e
+        raise ConfigError(path, f"line {e.lineno} column {e.colno}", f"invalid JSON: {e.msg}") from e
+    except (ValueError, RecursionError) as e:  # belt and braces: the bounds above should prevent these
+        raise ConfigError(path, "", f"invalid JSON: {str(e)[:80]}") from e
 
 
-def _fmt_default(s: Setting) -> str:
-    if s.kind == "str":
-        return f'`"{s.default}"`'
-    if s.kind == "bool":
-        return "`true`" if s.default else "`false`"
-    return f"`{s.default}`"
+@dataclass
+class _Ctx:
+    """Per-document parse state: the file, its top-level object (for aliases), warnings so far."""
+
+    path: str
+    root: Mapping[str, object]
+    unknown: int = 0
+
+    def warn_unknown(self, field: str) -> None:
+        self.unknown += 1
+        if self.unknown <= MAX_UNKNOWN_WARNINGS:
+            log.warning("%s: %s: unknown field ignored", self.path, show(field)[1:-1])
+        elif self.unknown == MAX_UNKNOWN_WARNINGS + 1:
+            log.warning("%s: more unknown fields ignored without warning", self.path)
 
 
-def reference_rows(section: Section, prefix: str = "") -> list[tuple[str, str, str, str, str]]:
-    """(json field, attribute, type, default, doc) for every setting, depth first."""
-    rows: list[tuple[str, str, str, str, str]] = []
-    for m in section.members:
-        key = f"{prefix}.{m.key}" if prefix else m.key
-        attr = f"{snake(prefix)}.{m.attr}" if prefix else m.attr
-        if isinstance(m, Section):
-            rows.extend(reference_rows(m, key))
+def _type_error(ctx: _Ctx, where: str, want: str, value: object) -> ConfigError:
+    return ConfigError(ctx.path, where, f"expected {want}, got {show(value)}")
+
+
+def _scalar(row: Setting, value: object, ctx: _Ctx, where: str) -> object:
+    """Check one bool/int/str value against its row; returns the Python value."""
+    if row.kind == "bool":
+        if not isinstance(value, bool):
+            raise _type_error(ctx, where, "boolean", value)
+        out: object = value
+    elif row.kind == "int":
+        if isinstance(value, _HugeInt):
+            raise ConfigError(ctx.path, where, f"{show(value)} is out of range")
+        # upstream's JSON library accepts 4.0 for an integer; we do too, nothing else.
+        if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _type_error(ctx, where, "integer", value)
+        if value < row.lo:
+            what = "non-negative integer" if row.lo == 0 else f"integer >= {row.lo}"
+            raise ConfigError(ctx.path, where, f"expected {what}, got {show(value)}")
+        if value > row.hi:
+            raise ConfigError(ctx.path, where, f"must be <= {row.hi}, got {show(value)}")
+        out = value
+    else:
+        out = _string(row, value, ctx, where)
+    if row.check is not None:
+        msg = row.check(out)
+        if msg:
+            raise ConfigError(ctx.path, where, msg)
+    return out
+
+
+def _string(row: Setting, value: object, ctx: _Ctx, where: str) -> str:
+    if not isinstance(value, str):
+        raise _type_error(ctx, where, "string", value)
+    if len(value) > row.max_len:
+        raise ConfigError(ctx.path, where, f"longer than {row.max_len} characters")
+    if "\0" in value:
+        raise ConfigError(ctx.path, where, "contains a NUL character")
+    if row.choices and value not in row.choices:
+        allowed = ", ".join(json.dumps(c) for c in row.choices)
+        raise ConfigError(ctx.path, where, f"expected one of {allowed}, got {show(value)}")
+    if row.absolute and not os.path.isabs(value):
+        raise ConfigError(ctx.path, where, f"must be an absolute path, got {show(value)}")
+    return value
+
+
+def _unset(row: Setting, value: object) -> bool:
+    return (row.null_is_unset and value is None) or (row.empty_is_unset and value == "")
+
+
+def _value(row: Setting, value: object, ctx: _Ctx, where: str) -> object:
+    """Check the JSON value of one row (any kind); returns what its dataclass field holds."""
+    if row.kind in ("section", "optional"):
+        assert row.table is not None
+        return _section(row.table, value, ctx, where)
+    if row.kind in ("sections", "strings"):
+        if not isinstance(value, list):
+            raise _type_error(ctx, where, "array", value)
+        if len(value) > row.max_items:
+            raise ConfigError(ctx.path, where, f"{len(value)} items, at most {row.max_items} are supported")
+        if row.kind == "strings":
+            return tuple(_string(row, v, ctx, f"{where}[{i}]") for i, v in enumerate(value))
+        assert row.table is not None
+        return tuple(_section(row.table, v, ctx, f"{where}[{i}]") for i, v in enumerate(value))
+    return _scalar(row, value, ctx, where)
+
+
+def _default(row: Setting, ctx: _Ctx, where: str) -> object:
+    if isinstance(row.default, _Required):
+        raise ConfigError(ctx.path, where, "must be set")
+    if row.kind == "section":
+        assert row.table is not None
+        return _section(row.table, {}, ctx, where)
+    return row.default
+
+
+def _section(table: Table[T], data: object, ctx: _Ctx, prefix: str) -> T:
+    """Build `table.cls` from one decoded JSON object; unknown keys are logged, not fatal."""
+    if not isinstance(data, dict):
+        raise _type_error(ctx, prefix or "(top level)", "object", data)
+    known = {row.key for row in table.rows}
+    if not prefix:
+        known |= table.alias_keys()
+    for key in data:
+        if key not in known and key not in table.ignored:
+            ctx.warn_unknown(f"{prefix}.{key}" if prefix else key)
+    kwargs: dict[str, object] = {}
+    for row in table.rows:
+        where = f"{prefix}.{row.key}" if prefix else row.key
+        if row.key in data and not _unset(row, data[row.key]):
+            kwargs[row.field] = _value(row, data[row.key], ctx, where)
+            continue
+        for alias in row.aliases:
+            if alias in ctx.root and not _unset(row, ctx.root[alias]):
+                kwargs[row.field] = _value(row, ctx.root[alias], ctx, alias)
+                break
         else:
-            rows.append((key, attr, KINDS[m.kind][1], _fmt_default(m), m.doc))
-    return rows
+            kwargs[row.field] = _default(row, ctx, where)
+    if table.path_field:
+        kwargs[table.path_field] = ctx.path
+    obj = table.cls(**kwargs)
+    return table.finish(obj, ctx.path, prefix) if table.finish is not None else obj
 
 
-def markdown_table(section: Section) -> str:
-    lines = ["| field | attribute | type | default | meaning |", "| --- | --- | --- | --- | --- |"]
-    for key, attr, kind, default, doc in reference_rows(section):
-        lines.append(f"| `{key}` | `{attr}` | {kind} | {default} | {doc} |")
-    return "\n".join(lines) + "\n"
+def parse_section(table: Table[T], data: object, path: str) -> T:
+    """The one parser: a decoded JSON document -> the frozen dataclass of `table`."""
+    root: Mapping[str, object] = data if isinstance(data, dict) else {}
+    return _section(table, data, _Ctx(path, root), "")
+
+
+def load_file(table: Table[T], path: str | os.PathLike[str]) -> T:
+    """Read, bound and parse one config file. Raises ConfigError naming the file and field."""
+    p = os.fspath(path)
+    return parse_section(table, read_json(p), p)
+
+
+def to_json_dict(table: Table[Any], obj: object, *, skip_defaults: bool = False) -> dict[str, object]:
+    """The JSON object (upstream key spelling) for a dataclass instance of `table`."""
+    out: dict[str, object] = {}
+    for row in table.rows:
+        value: object = getattr(obj, row.field)
+        if row.table is not None:
+            if value is None:
+                continue
+            if row.kind == "sections" and isinstance(value, tuple):
+                items = [to_json_dict(row.table, v, skip_defaults=skip_defaults) for v in value]
+                if items or not skip_defaults:
+                    out[row.key] = items
+                continue
+            sub = to_json_dict(row.table, value, skip_defaults=skip_defaults)
+            if sub or not skip_defaults or row.kind == "optional":
+                out[row.key] = sub
+        elif not (skip_defaults and value == row.default):
+            out[row.key] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+# --- reference docs -----------------------------------------------------------------------------
+
+
+def _type_text(row: Setting) -> str:
+    if row.kind == "int":
+        if (row.lo, row.hi) == I32:
+            return "integer"
+        if row.lo == 0 and row.hi in (U32[1], U64[1]):
+            return "integer >= 0"
+        return f"integer {row.lo}..{row.hi}"
+    if row.kind == "str" and row.choices:
+        return "one of " + ", ".join(f"`{c}`" for c in row.choices)
+    return {
+        "bool": "boolean",
+        "str": "absolute path" if row.absolute else "string",
+        "section": "object",
+        "optional": "object",
+        "sections": "array of objects",
+        "strings": "array of strings",
+    }[row.kind]
+
+
+def _default_text(row: Setting) -> str:
+    if row.shown_default:
+        return row.shown_default
+    if isinstance(row.default, _Required):
+        return "required"
+    if row.kind == "optional":
+        return "none"
+    value = list(row.default) if isinstance(row.default, tuple) else row.default
+    return f"`{json.dumps(value)}`"
+
+
+def _doc_text(row: Setting) -> str:
+    doc = row.doc
+    if row.empty_is_unset:
+        doc += '; `""` means the default'
+    if row.aliases:
+        doc += " (legacy top-level key: " + ", ".join(f"`{a}`" for a in row.aliases) + ")"
+    return doc
+
+
+def _rows(table: Table[Any], key_prefix: str, attr_prefix: str, later: list[tuple[str, Setting]]) -> list[str]:
+    lines: list[str] = []
+    for row in table.rows:
+        key = f"{key_prefix}{row.key}"
+        attr = f"{attr_prefix}{row.field}"
+        if row.kind == "section" and row.table is not None:
+            lines.extend(_rows(row.table, f"{key}.", f"{attr}.", later))
+            continue
+        if row.table is not None:
+            later.append((key + ("[]" if row.kind == "sections" else ""), row))
+        lines.append(f"| `{key}` | `{attr}` | {_type_text(row)} | {_default_text(row)} | {_doc_text(row)} |")
+    return lines
+
+
+_HEADER = "| field | attribute | type | default | meaning |\n| --- | --- | --- | --- | --- |\n"
+
+
+def markdown_tables(table: Table[Any]) -> str:
+    """Markdown reference of `table`: nested objects inline as dotted keys, arrays of objects and
+    optional objects as their own tables after it (rendered from the rows the parser uses)."""
+    later: list[tuple[str, Setting]] = []
+    parts = [_HEADER + "\n".join(_rows(table, "", "", later)) + "\n"]
+    while later:
+        name, row = later.pop(0)
+        assert row.table is not None
+        sub: list[tuple[str, Setting]] = []
+        parts.append(f"`{name}`:\n\n" + _HEADER + "\n".join(_rows(row.table, "", "", sub)) + "\n")
+        later.extend((f"{name}.{n}", r) for n, r in sub)
+    return "\n".join(parts)

@@ -1,38 +1,31 @@
 """`/etc/overlaybd/overlaybd.json` (upstream GlobalConfig): the service-wide settings.
 
-The `SERVICE` table below is the only description of the file: `ServiceConfig` and its
-nested section classes, the parser (type errors name file and dotted field), the
-defaults and `reference_markdown()` are generated from it. Legacy top-level fields
-(`registryCacheDir`, `registryCacheSizeGB`, `cacheType`, `logPath`, `logLevel`,
-`credentialFilePath`) are resolved by `load_service_config` into the effective values
-of the modern sections, exactly as upstream falls back to them, so consumers only ever
-read `cache_config`, `log_config` and `credential_config`.
+`ServiceConfig` and its nested dataclasses are filled only from the `SERVICE` table, which is
+also the README reference. Upstream's legacy top-level keys (`registryCacheDir`,
+`registryCacheSizeGB`, `cacheType`, `logPath`, `logLevel`, `credentialFilePath`) are aliases of
+the modern fields in the table: a modern key that is present and not `""` wins, else the legacy
+key, else the default; consumers only read `cache_config`, `log_config` and `credential_config`.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
+from dataclasses import dataclass
 
-from .schema import ConfigError, Section, Setting, markdown_table, model, models, parse_section, read_json, to_json_dict
+from .. import __version__
+from .schema import (
+    U32,
+    ConfigError,
+    Setting,
+    Table,
+    load_file,
+    markdown_tables,
+    parse_section,
+    to_json_dict,
+)
 
 DEFAULT_PATH = "/etc/overlaybd/overlaybd.json"
-
-
-def _one_of(*choices: str):
-    def check(v: Any) -> str | None:
-        if v not in choices:
-            return f"expected one of {', '.join(repr(c) for c in choices)}, got {v!r}"
-        return None
-
-    return check
-
-
-def _max(limit: int):
-    def check(v: int) -> str | None:
-        return f"must be <= {limit}, got {v}" if v > limit else None
-
-    return check
+DEFAULT_USER_AGENT = f"overlaybd/{__version__}"
 
 
 def _refill_size(v: int) -> str | None:
@@ -41,214 +34,394 @@ def _refill_size(v: int) -> str | None:
     return None
 
 
-def _port(v: int) -> str | None:
-    return None if 0 < v < 65536 else f"must be a TCP port (1..65535), got {v}"
+@dataclass(frozen=True)
+class DownloadConfig:
+    """Background download of whole layers (also the `download` object of config.v1.json)."""
+
+    enable: bool
+    delay: int
+    delay_extra: int
+    max_mbps: int
+    try_cnt: int
+    block_size: int
 
 
-def _positive(v: int) -> str | None:
-    return None if v > 0 else f"must be > 0, got {v}"
+@dataclass(frozen=True)
+class LogConfig:
+    log_level: int
+    log_path: str
+    log_size_mb: int
+    log_rotate_num: int
 
 
-DOWNLOAD = Section(
-    "download",
-    "DownloadConfig",
+@dataclass(frozen=True)
+class CacheConfig:
+    cache_type: str
+    cache_dir: str
+    cache_size_gb: int
+    refill_size: int
+    block_size: int
+
+
+@dataclass(frozen=True)
+class GzipCacheConfig:
+    enable: bool
+    cache_dir: str
+    cache_size_gb: int
+    refill_size: int
+
+
+@dataclass(frozen=True)
+class CredentialConfig:
+    mode: str
+    path: str
+    timeout: int
+    client_cert_path: str
+    client_key_path: str
+    server_ca_path: str
+
+
+@dataclass(frozen=True)
+class P2PConfig:
+    enable: bool
+    address: str
+
+
+@dataclass(frozen=True)
+class ExporterConfig:
+    enable: bool
+    uri_prefix: str
+    port: int
+    update_interval: int
+
+
+@dataclass(frozen=True)
+class PrefetchConfig:
+    concurrency: int
+
+
+@dataclass(frozen=True)
+class CertConfig:
+    cert_file: str
+    key_file: str
+
+
+@dataclass(frozen=True)
+class ServiceAPIConfig:
+    enable: bool
+    address: str
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """A parsed overlaybd.json; legacy keys already folded into the modern sections."""
+
+    log_config: LogConfig
+    cache_config: CacheConfig
+    gzip_cache_config: GzipCacheConfig
+    credential_config: CredentialConfig
+    io_engine: int
+    download: DownloadConfig
+    enable_audit: bool
+    audit_path: str
+    enable_thread: bool
+    p2p_config: P2PConfig
+    exporter_config: ExporterConfig
+    registry_fs_version: str
+    prefetch_config: PrefetchConfig
+    cert_config: CertConfig
+    user_agent: str
+    service_config: ServiceAPIConfig
+    read_deadline_sec: int
+    path: str  # where it was loaded from (not a JSON key)
+
+
+DOWNLOAD = Table(
+    DownloadConfig,
     (
-        Setting("enable", "bool", False, "background download of whole layers into `lowers[].dir`"),
-        Setting("delay", "int", 300, "seconds to wait before the first download"),
-        Setting("delayExtra", "int", 30, "random extra delay, seconds (<= 0 means 30)"),
-        Setting("maxMBps", "int", 100, "throughput cap, MiB/s"),
-        Setting("tryCnt", "int", 5, "attempts per layer"),
-        Setting("blockSize", "u32", 262144, "download block size, bytes", _positive),
+        Setting("enable", "enable", "bool", False, "background download of whole layers into `lowers[].dir`"),
+        Setting("delay", "delay", "int", 300, "seconds to wait before the first download"),
+        Setting("delayExtra", "delay_extra", "int", 30, "random extra delay, seconds (<= 0 means 30)"),
+        Setting("maxMBps", "max_mbps", "int", 100, "throughput cap, MiB/s"),
+        Setting("tryCnt", "try_cnt", "int", 5, "attempts per layer"),
+        Setting("blockSize", "block_size", "int", 262144, "download block size, bytes", lo=1, hi=U32[1]),
     ),
-    "Background download settings (also the `download` object of config.v1.json).",
 )
 
-SERVICE = Section(
-    "",
-    "ServiceConfig",
+LOG = Table(
+    LogConfig,
     (
-        Section(
-            "logConfig",
-            "LogConfig",
-            (
-                Setting("logLevel", "u32", 1, "0 DEBUG, 1 INFO, 2 WARN, 3 ERROR", _max(3)),
-                Setting("logPath", "str", "", 'log file; `""` falls back to legacy `logPath`/`logLevel`'),
-                Setting("logSizeMB", "u32", 10, "rotate the log at this size, MiB"),
-                Setting("logRotateNum", "int", 3, "rotated log files kept"),
-            ),
+        Setting(
+            "logLevel", "log_level", "int", 1, "0 DEBUG, 1 INFO, 2 WARN, 3 ERROR", lo=0, hi=3, aliases=("logLevel",)
         ),
-        Setting("logLevel", "u32", 1, "legacy: log level, used when `logConfig.logPath` is empty", _max(3)),
-        Setting("logPath", "str", "/var/log/overlaybd.log", "legacy: log file, used when `logConfig.logPath` is empty"),
-        Section(
-            "cacheConfig",
-            "CacheConfig",
-            (
-                Setting(
-                    "cacheType",
-                    "str",
-                    "",
-                    '`file`, `ocf` or `download`; `""` falls back to the legacy `cacheType`, '
-                    "`registryCacheDir`, `registryCacheSizeGB`",
-                    _one_of("", "file", "ocf", "download"),
-                ),
-                Setting("cacheDir", "str", "/opt/overlaybd/registry_cache", "directory of cached blobs"),
-                Setting("cacheSizeGB", "u32", 4, "cache capacity, GiB"),
-                Setting("refillSize", "u32", 262144, "a cache miss fetches this aligned amount, bytes", _refill_size),
-                Setting("blockSize", "u32", 65536, "ocf cache block size, bytes"),
-            ),
+        Setting(
+            "logPath",
+            "log_path",
+            "str",
+            "/var/log/overlaybd.log",
+            "log file",
+            empty_is_unset=True,
+            aliases=("logPath",),
         ),
-        Setting("registryCacheDir", "str", "/opt/overlaybd/registry_cache", "legacy: cache directory"),
-        Setting("registryCacheSizeGB", "u32", 4, "legacy: cache capacity, GiB"),
-        Setting("cacheType", "str", "file", "legacy: cache type", _one_of("file", "ocf", "download")),
-        Section(
-            "gzipCacheConfig",
-            "GzipCacheConfig",
-            (
-                Setting("enable", "bool", False, "cache decompressed data of gzip (TurboOCI) layers"),
-                Setting("cacheDir", "str", "/opt/overlaybd/gzip_cache", "directory of the gzip cache"),
-                Setting("cacheSizeGB", "u32", 4, "gzip cache capacity, GiB"),
-                Setting("refillSize", "u32", 1048576, "gzip cache refill size, bytes", _refill_size),
-            ),
+        Setting("logSizeMB", "log_size_mb", "int", 10, "rotate the log at this size, MiB", lo=0, hi=U32[1]),
+        Setting("logRotateNum", "log_rotate_num", "int", 3, "rotated log files kept"),
+    ),
+)
+
+CACHE = Table(
+    CacheConfig,
+    (
+        Setting(
+            "cacheType",
+            "cache_type",
+            "str",
+            "file",
+            "registry block cache",
+            choices=("file", "ocf", "download"),
+            empty_is_unset=True,
+            aliases=("cacheType",),
         ),
-        Setting("credentialFilePath", "str", "/opt/overlaybd/cred.json", "legacy: credential file"),
-        Section(
-            "credentialConfig",
-            "CredentialConfig",
-            (
-                Setting(
-                    "mode",
-                    "str",
-                    "",
-                    '`file`, `http`, `https` or `uds`; `""` means `file` at the legacy `credentialFilePath`',
-                    _one_of("", "file", "http", "https", "uds"),
-                ),
-                Setting("path", "str", "", "credential file, URL or socket path"),
-                Setting("timeout", "int", 1, "seconds, for http/https/uds"),
-                Setting("client_cert_path", "str", "", "https: client certificate"),
-                Setting("client_key_path", "str", "", "https: client key"),
-                Setting("server_ca_path", "str", "", "https: CA of the credential server"),
-            ),
+        Setting(
+            "cacheDir",
+            "cache_dir",
+            "str",
+            "/opt/overlaybd/registry_cache",
+            "directory of cached blobs",
+            empty_is_unset=True,
+            aliases=("registryCacheDir",),
         ),
-        Setting("ioEngine", "u32", 0, "0 psync, 1 libaio, 2 posix aio (all served by pread here)", _max(2)),
-        DOWNLOAD,
-        Setting("enableAudit", "bool", True, "write the audit log"),
-        Setting("auditPath", "str", "/var/log/overlaybd-audit.log", "audit log file"),
-        Setting("enableThread", "bool", False, "one OS thread per device"),
-        Section(
+        Setting(
+            "cacheSizeGB",
+            "cache_size_gb",
+            "int",
+            4,
+            "cache capacity, GiB",
+            lo=0,
+            hi=U32[1],
+            aliases=("registryCacheSizeGB",),
+        ),
+        Setting(
+            "refillSize",
+            "refill_size",
+            "int",
+            262144,
+            "a cache miss fetches this aligned amount, bytes",
+            lo=0,
+            hi=U32[1],
+            check=_refill_size,
+        ),
+        Setting("blockSize", "block_size", "int", 65536, "ocf cache block size, bytes", lo=0, hi=U32[1]),
+    ),
+)
+
+GZIP_CACHE = Table(
+    GzipCacheConfig,
+    (
+        Setting("enable", "enable", "bool", False, "cache decompressed data of gzip (TurboOCI) layers"),
+        Setting("cacheDir", "cache_dir", "str", "/opt/overlaybd/gzip_cache", "directory of the gzip cache"),
+        Setting("cacheSizeGB", "cache_size_gb", "int", 4, "gzip cache capacity, GiB", lo=0, hi=U32[1]),
+        Setting(
+            "refillSize",
+            "refill_size",
+            "int",
+            1048576,
+            "gzip cache refill size, bytes",
+            lo=0,
+            hi=U32[1],
+            check=_refill_size,
+        ),
+    ),
+)
+
+CREDENTIAL = Table(
+    CredentialConfig,
+    (
+        Setting(
+            "mode",
+            "mode",
+            "str",
+            "file",
+            "where registry credentials come from",
+            choices=("file", "http", "https", "uds"),
+            empty_is_unset=True,
+        ),
+        Setting(
+            "path",
+            "path",
+            "str",
+            "/opt/overlaybd/cred.json",
+            "credential file, URL or socket path",
+            empty_is_unset=True,
+            aliases=("credentialFilePath",),
+        ),
+        Setting("timeout", "timeout", "int", 1, "seconds, for http/https/uds"),
+        Setting("client_cert_path", "client_cert_path", "str", "", "https: client certificate"),
+        Setting("client_key_path", "client_key_path", "str", "", "https: client key"),
+        Setting("server_ca_path", "server_ca_path", "str", "", "https: CA of the credential server"),
+    ),
+)
+
+SERVICE = Table(
+    ServiceConfig,
+    (
+        Setting("logConfig", "log_config", "section", None, "logging", table=LOG),
+        Setting("cacheConfig", "cache_config", "section", None, "registry block cache", table=CACHE),
+        Setting("gzipCacheConfig", "gzip_cache_config", "section", None, "gzip cache", table=GZIP_CACHE),
+        Setting("credentialConfig", "credential_config", "section", None, "credentials", table=CREDENTIAL),
+        Setting(
+            "ioEngine", "io_engine", "int", 0, "0 psync, 1 libaio, 2 posix aio (all served by pread here)", lo=0, hi=2
+        ),
+        Setting("download", "download", "section", None, "background download", table=DOWNLOAD),
+        Setting("enableAudit", "enable_audit", "bool", True, "write the audit log"),
+        Setting("auditPath", "audit_path", "str", "/var/log/overlaybd-audit.log", "audit log file"),
+        Setting("enableThread", "enable_thread", "bool", False, "one OS thread per device"),
+        Setting(
             "p2pConfig",
-            "P2PConfig",
-            (
-                Setting("enable", "bool", False, "fetch blobs through a P2P proxy"),
-                Setting("address", "str", "http://localhost:9731/accelerator", "P2P proxy prefix"),
+            "p2p_config",
+            "section",
+            None,
+            "P2P proxy",
+            table=Table(
+                P2PConfig,
+                (
+                    Setting("enable", "enable", "bool", False, "fetch blobs through a P2P proxy"),
+                    Setting("address", "address", "str", "http://localhost:9731/accelerator", "P2P proxy prefix"),
+                ),
             ),
         ),
-        Section(
+        Setting(
             "exporterConfig",
-            "ExporterConfig",
-            (
-                Setting("enable", "bool", False, "serve Prometheus metrics"),
-                Setting("uriPrefix", "str", "/metrics", "metrics URL path"),
-                Setting("port", "int", 9863, "metrics port (127.0.0.1)", _port),
-                Setting("updateInterval", "int", 60000000, "metrics update interval, microseconds"),
+            "exporter_config",
+            "section",
+            None,
+            "metrics",
+            table=Table(
+                ExporterConfig,
+                (
+                    Setting("enable", "enable", "bool", False, "serve Prometheus metrics"),
+                    Setting("uriPrefix", "uri_prefix", "str", "/metrics", "metrics URL path"),
+                    Setting("port", "port", "int", 9863, "metrics port (127.0.0.1)", lo=1, hi=65535),
+                    Setting(
+                        "updateInterval", "update_interval", "int", 60000000, "metrics update interval, microseconds"
+                    ),
+                ),
             ),
         ),
         Setting(
             "registryFsVersion",
+            "registry_fs_version",
             "str",
             "v2",
-            "registry client flavour (`v1` or `v2`; same behaviour here)",
-            _one_of("v1", "v2"),
+            "registry client flavour (same behaviour here)",
+            choices=("v1", "v2"),
         ),
-        Section(
+        Setting(
             "prefetchConfig",
-            "PrefetchConfig",
-            (Setting("concurrency", "int", 16, "threads replaying a prefetch trace", _positive),),
+            "prefetch_config",
+            "section",
+            None,
+            "trace prefetch",
+            table=Table(
+                PrefetchConfig,
+                (
+                    Setting(
+                        "concurrency", "concurrency", "int", 16, "threads replaying a prefetch trace", lo=1, hi=1024
+                    ),
+                ),
+            ),
         ),
-        Section(
+        Setting(
             "certConfig",
-            "CertConfig",
-            (
-                Setting("certFile", "str", "", "TLS client certificate for the registry"),
-                Setting("keyFile", "str", "", "TLS client key for the registry"),
+            "cert_config",
+            "section",
+            None,
+            "registry TLS client certificate",
+            table=Table(
+                CertConfig,
+                (
+                    Setting("certFile", "cert_file", "str", "", "TLS client certificate for the registry"),
+                    Setting("keyFile", "key_file", "str", "", "TLS client key for the registry"),
+                ),
             ),
         ),
-        Setting("userAgent", "str", "", 'HTTP User-Agent; `""` means `overlaybd/<version>`'),
-        Section(
+        Setting(
+            "userAgent",
+            "user_agent",
+            "str",
+            DEFAULT_USER_AGENT,
+            "HTTP User-Agent",
+            empty_is_unset=True,
+            shown_default='`"overlaybd/<version>"`',
+        ),
+        Setting(
             "serviceConfig",
-            "ServiceAPIConfig",
-            (
-                Setting("enable", "bool", False, "serve the live-snapshot API"),
-                Setting("address", "str", "http://127.0.0.1:9862", "live-snapshot API address"),
+            "service_config",
+            "section",
+            None,
+            "live-snapshot API",
+            table=Table(
+                ServiceAPIConfig,
+                (
+                    Setting("enable", "enable", "bool", False, "serve the live-snapshot API"),
+                    Setting("address", "address", "str", "http://127.0.0.1:9862", "live-snapshot API address"),
+                ),
             ),
+        ),
+        Setting(
+            "readDeadlineSec",
+            "read_deadline_sec",
+            "int",
+            30,
+            "overall deadline of one block read from a registry, retries included; after it the device "
+            "request fails with EIO",
+            lo=1,
+            hi=3600,
         ),
     ),
-    "Settings of /etc/overlaybd/overlaybd.json (upstream GlobalConfig), legacy fields already resolved.",
+    path_field="path",
 )
 
-# Generated classes, importable by name: ServiceConfig, LogConfig, CacheConfig, GzipCacheConfig,
-# CredentialConfig, DownloadConfig, P2PConfig, ExporterConfig, PrefetchConfig, CertConfig, ServiceAPIConfig.
-globals().update(models(SERVICE, __name__))
-ServiceConfig = model(SERVICE, __name__)
-DownloadConfig = model(DOWNLOAD, __name__)
+
+def service_config_from_dict(data: object, path: str = "<overlaybd.json>") -> ServiceConfig:
+    """Parse an already-decoded overlaybd.json document (legacy keys resolved)."""
+    return parse_section(SERVICE, data, path)
 
 
-def _resolve_legacy(cfg: Any) -> None:
-    """Fold legacy top-level fields into the modern sections, as upstream reads them."""
-    if not cfg.log_config.log_path:
-        cfg.log_config.log_path = cfg.log_path
-        cfg.log_config.log_level = cfg.log_level
-    if not cfg.cache_config.cache_type:
-        cfg.cache_config.cache_type = cfg.cache_type
-        cfg.cache_config.cache_dir = cfg.registry_cache_dir
-        cfg.cache_config.cache_size_gb = cfg.registry_cache_size_gb
-    if not cfg.credential_config.mode:
-        cfg.credential_config.mode = "file"
-        cfg.credential_config.path = cfg.credential_file_path
-    if not cfg.user_agent:
-        from overlaybd import __version__
-
-        cfg.user_agent = f"overlaybd/{__version__}"
-
-
-def service_config_from_dict(data: Any, path: str = "<overlaybd.json>") -> Any:
-    """Parse an already-decoded overlaybd.json document (legacy fields resolved)."""
-    cfg = parse_section(SERVICE, data, path)
-    _resolve_legacy(cfg)
-    return cfg
-
-
-def default_service_config() -> Any:
+def default_service_config() -> ServiceConfig:
     """The configuration upstream uses when every field is missing."""
     return service_config_from_dict({})
 
 
-def load_service_config(path: str | os.PathLike[str] = DEFAULT_PATH) -> Any:
+def load_service_config(path: str | os.PathLike[str] = DEFAULT_PATH) -> ServiceConfig:
     """Read and validate overlaybd.json. Raises ConfigError naming the file and field."""
-    p = os.fspath(path)
-    return service_config_from_dict(read_json(p), p)
+    return load_file(SERVICE, path)
 
 
-def service_config_to_dict(cfg: Any) -> dict[str, Any]:
-    """JSON object with upstream key spelling (effective values; legacy fields included)."""
+def service_config_to_dict(cfg: ServiceConfig) -> dict[str, object]:
+    """JSON object with upstream key spelling (effective values, modern keys only)."""
     return to_json_dict(SERVICE, cfg)
 
 
 def reference_markdown() -> str:
     """The configuration reference of overlaybd.json, generated from the settings table."""
-    intro = (
-        "### `/etc/overlaybd/overlaybd.json`\n\n"
-        "All fields are optional; a missing field takes its default. Unknown fields are logged and ignored "
-        "(as upstream does). A wrong type is an error naming the file and the field. "
-        "Python attribute names are the JSON keys in snake_case.\n\n"
-    )
-    return intro + markdown_table(SERVICE)
+    return markdown_tables(SERVICE)
 
 
 __all__ = [
+    "CacheConfig",
+    "CertConfig",
     "ConfigError",
+    "CredentialConfig",
     "DEFAULT_PATH",
+    "DOWNLOAD",
     "DownloadConfig",
+    "ExporterConfig",
+    "GzipCacheConfig",
+    "LogConfig",
+    "P2PConfig",
+    "PrefetchConfig",
     "SERVICE",
+    "ServiceAPIConfig",
     "ServiceConfig",
     "default_service_config",
     "load_service_config",

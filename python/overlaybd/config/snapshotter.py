@@ -1,210 +1,230 @@
 """`/etc/overlaybd-snapshotter/config.json`: the proxy snapshotter's boot config (upstream BootConfig).
 
-One table (`SETTINGS`) holds every scalar field with upstream's JSON spelling, default and
-meaning; parsing, defaults and `reference_markdown()` all come from it. The two list fields
-(`mirrorRegistry`, `turboFsType`) and the `exporterConfig` object are checked by hand below.
-Errors are `ConfigError`s naming the file and the dotted field.
+`SnapshotterConfig` is filled only from the `SNAPSHOTTER` table (upstream's JSON spelling,
+defaults and meaning), which is also the README reference. Errors are `ConfigError`s naming
+the file and the dotted field.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
-from .schema import ConfigError, Setting, check_value, log, read_json
+from .schema import REQUIRED, ConfigError, Setting, Table, load_file, markdown_tables, parse_section, to_json_dict
+from .service import DEFAULT_PATH as OVERLAYBD_JSON_PATH
 
 DEFAULT_PATH = "/etc/overlaybd-snapshotter/config.json"
 DEFAULT_ROOT = "/var/lib/containerd/io.containerd.snapshotter.v1.overlaybd"
 DEFAULT_ADDRESS = "/run/overlaybd-snapshotter/overlaybd.sock"
+TRACE_SUBDIR = "trace"  # traceDir default: <root>/trace
 
 RW_MODES = ("overlayfs", "dir", "dev")
 WRITABLE_LAYER_TYPES = ("append", "sparse")
 LOG_LEVELS = ("trace", "debug", "info", "warn", "warning", "error", "fatal", "panic")
-
-
-def _one_of(*choices: str):
-    def check(v: str) -> str | None:
-        return None if v in choices else f"must be one of {', '.join(choices)}; got {json.dumps(v)}"
-
-    return check
+REQUIRED_FS_TYPES = ("ext4", "erofs")  # upstream main.go appends the missing ones
 
 
 def _quota(v: str) -> str | None:
     if v == "":
         return None
     num = v[:-1] if v[-1:].lower() in ("k", "m", "g", "t") else v
-    return None if num.isdigit() else f'must be a size like "20g"; got {json.dumps(v)}'
+    return None if num.isdigit() and len(num) <= 18 else f'must be a size like "20g"; got {json.dumps(v[:40])}'
 
 
-SETTINGS: tuple[Setting, ...] = (
-    Setting("root", "str", DEFAULT_ROOT, "snapshot root: `metadata.db` and `snapshots/<id>/`"),
-    Setting("address", "str", DEFAULT_ADDRESS, "unix socket serving containerd.services.snapshots.v1"),
-    Setting("verbose", "str", "info", "log level", _one_of(*LOG_LEVELS)),
-    Setting("logReportCaller", "bool", False, "log the calling function"),
-    Setting("asyncRemove", "bool", False, "defer directory removal to Cleanup"),
-    Setting("rwMode", "str", "overlayfs", "container rootfs: `overlayfs`, `dir` or `dev`", _one_of(*RW_MODES)),
-    Setting("autoRemoveDev", "bool", False, "detach a layer device when its last container is removed"),
-    Setting(
-        "writableLayerType", "str", "append", "writable layer: `append` or `sparse`", _one_of(*WRITABLE_LAYER_TYPES)
-    ),
-    Setting("defaultFsType", "str", "ext4", "filesystem when a layer has no blob-fs-type label"),
-    Setting("rootfsQuota", "str", "", 'overlayfs-mode rootfs quota such as "20g" (accepted, not enforced)', _quota),
-    Setting("tenant", "int", -1, "HBA number / NAA prefix override (-1: HBA 999999999, prefix 199)"),
-    Setting("runtimeType", "str", "containerd", "`containerd` or `docker`", _one_of("containerd", "docker")),
-)
-
-EXPORTER_SETTINGS: tuple[Setting, ...] = (
-    Setting("enable", "bool", False, "serve Prometheus metrics"),
-    Setting("uriPrefix", "str", "/metrics", "metrics URI"),
-    Setting("port", "int", 9863, "metrics port"),
-)
+def _nonempty(v: str) -> str | None:
+    return None if v else "must not be empty"
 
 
-def _attr(key: str) -> str:
-    out = []
-    for i, ch in enumerate(key):
-        if ch.isupper() and i and not key[i - 1].isupper():
-            out.append("_")
-        out.append(ch.lower())
-    return "".join(out)
-
-
-@dataclass
+@dataclass(frozen=True)
 class ExporterConfig:
-    enable: bool = False
-    uri_prefix: str = "/metrics"
-    port: int = 9863
+    enable: bool
+    uri_prefix: str
+    port: int
 
 
-@dataclass
+@dataclass(frozen=True)
 class MirrorRegistry:
     host: str
-    insecure: bool = False
+    insecure: bool
 
 
-@dataclass
+@dataclass(frozen=True)
 class SnapshotterConfig:
-    """The parsed config.json; attribute names are the JSON keys in snake_case."""
+    """The parsed config.json; `trace_dir` is already resolved to an absolute path."""
 
-    root: str = DEFAULT_ROOT
-    address: str = DEFAULT_ADDRESS
-    verbose: str = "info"
-    log_report_caller: bool = False
-    async_remove: bool = False
-    rw_mode: str = "overlayfs"
-    auto_remove_dev: bool = False
-    writable_layer_type: str = "append"
-    default_fs_type: str = "ext4"
-    rootfs_quota: str = ""
-    tenant: int = -1
-    runtime_type: str = "containerd"
-    exporter_config: ExporterConfig = field(default_factory=ExporterConfig)
-    mirror_registry: list[MirrorRegistry] = field(default_factory=list)
-    turbo_fs_type: list[str] = field(default_factory=lambda: ["erofs", "ext4"])
-    path: str = ""  # where it was loaded from (not serialised)
+    root: str
+    address: str
+    verbose: str
+    log_report_caller: bool
+    async_remove: bool
+    rw_mode: str
+    auto_remove_dev: bool
+    writable_layer_type: str
+    default_fs_type: str
+    rootfs_quota: str
+    tenant: int
+    runtime_type: str
+    exporter_config: ExporterConfig
+    mirror_registry: tuple[MirrorRegistry, ...]
+    turbo_fs_type: tuple[str, ...]
+    trace_dir: str
+    overlaybd_config_path: str
+    path: str  # where it was loaded from (not a JSON key)
 
     def insecure_hosts(self) -> set[str]:
         return {m.host for m in self.mirror_registry if m.insecure}
 
 
-def config_from_dict(data: Any, path: str = "<config.json>") -> SnapshotterConfig:
+def _finish(cfg: SnapshotterConfig, path: str, prefix: str) -> SnapshotterConfig:
+    """Derived values: traceDir under root when unset; the fs types upstream always allows."""
+    missing = tuple(fs for fs in REQUIRED_FS_TYPES if fs not in cfg.turbo_fs_type)
+    return dataclasses.replace(
+        cfg,
+        trace_dir=cfg.trace_dir or os.path.join(cfg.root, TRACE_SUBDIR),
+        turbo_fs_type=cfg.turbo_fs_type + missing,
+    )
+
+
+SNAPSHOTTER = Table(
+    SnapshotterConfig,
+    (
+        Setting(
+            "root", "root", "str", DEFAULT_ROOT, "snapshot root: `metadata.db` and `snapshots/<id>/`", absolute=True
+        ),
+        Setting(
+            "address",
+            "address",
+            "str",
+            DEFAULT_ADDRESS,
+            "unix socket serving containerd's snapshots API",
+            absolute=True,
+        ),
+        Setting("verbose", "verbose", "str", "info", "log level", choices=LOG_LEVELS),
+        Setting("logReportCaller", "log_report_caller", "bool", False, "log the calling function"),
+        Setting("asyncRemove", "async_remove", "bool", False, "defer directory removal to Cleanup"),
+        Setting("rwMode", "rw_mode", "str", "overlayfs", "container rootfs", choices=RW_MODES),
+        Setting(
+            "autoRemoveDev",
+            "auto_remove_dev",
+            "bool",
+            False,
+            "detach a layer device when its last container is removed",
+        ),
+        Setting(
+            "writableLayerType",
+            "writable_layer_type",
+            "str",
+            "append",
+            "writable layer of `rwMode: dev`",
+            choices=WRITABLE_LAYER_TYPES,
+        ),
+        Setting("defaultFsType", "default_fs_type", "str", "ext4", "filesystem when a layer has no blob-fs-type label"),
+        Setting(
+            "rootfsQuota",
+            "rootfs_quota",
+            "str",
+            "",
+            'overlayfs-mode rootfs quota such as "20g" (accepted, not enforced)',
+            check=_quota,
+        ),
+        Setting("tenant", "tenant", "int", -1, "HBA number / NAA prefix override (-1: HBA 999999999, prefix 199)"),
+        Setting(
+            "runtimeType", "runtime_type", "str", "containerd", "container runtime", choices=("containerd", "docker")
+        ),
+        Setting(
+            "exporterConfig",
+            "exporter_config",
+            "section",
+            None,
+            "metrics",
+            null_is_unset=True,
+            table=Table(
+                ExporterConfig,
+                (
+                    Setting("enable", "enable", "bool", False, "serve Prometheus metrics"),
+                    Setting("uriPrefix", "uri_prefix", "str", "/metrics", "metrics URI"),
+                    Setting("port", "port", "int", 9863, "metrics port", lo=0, hi=65535),
+                ),
+            ),
+        ),
+        Setting(
+            "mirrorRegistry",
+            "mirror_registry",
+            "sections",
+            (),
+            "registries with per-host settings",
+            null_is_unset=True,
+            table=Table(
+                MirrorRegistry,
+                (
+                    Setting("host", "host", "str", REQUIRED, "registry host[:port]", check=_nonempty),
+                    Setting("insecure", "insecure", "bool", False, "use http:// for that host"),
+                ),
+            ),
+        ),
+        Setting(
+            "turboFsType",
+            "turbo_fs_type",
+            "strings",
+            ("erofs", "ext4"),
+            "TurboOCI fs preference (accepted, unused); `ext4` and `erofs` are appended when missing",
+        ),
+        Setting(
+            "traceDir",
+            "trace_dir",
+            "str",
+            "",
+            "where a `record-trace-path` label may point besides the snapshot's own dir; under `root`, the "
+            "snapshotter's private root-only state on one filesystem, so a label cannot aim writes elsewhere",
+            absolute=True,
+            empty_is_unset=True,
+            shown_default="`<root>/trace`",
+        ),
+        Setting(
+            "overlaybdConfigPath",
+            "overlaybd_config_path",
+            "str",
+            OVERLAYBD_JSON_PATH,
+            "overlaybd.json the snapshotter reads settings it shares with overlaybd-tcmu from (e.g. `readDeadlineSec`)",
+            absolute=True,
+        ),
+    ),
+    path_field="path",
+    finish=_finish,
+)
+
+
+def config_from_dict(data: object, path: str = "<config.json>") -> SnapshotterConfig:
     """Validate parsed JSON; unknown keys are logged (upstream ignores them), bad ones raise."""
-    if not isinstance(data, dict):
-        raise ConfigError(path, "(top level)", f"expected object, got {json.dumps(data)[:60]}")
-    cfg = SnapshotterConfig(path=path)
-    known = {s.key: s for s in SETTINGS}
-    for key, value in data.items():
-        if key in known:
-            setattr(cfg, _attr(key), check_value(path, key, known[key], value))
-        elif key == "exporterConfig":
-            cfg.exporter_config = _exporter(value, path)
-        elif key == "mirrorRegistry":
-            cfg.mirror_registry = _mirrors(value, path)
-        elif key == "turboFsType":
-            cfg.turbo_fs_type = _string_list(value, path, key)
-        else:
-            log.warning("%s: %s: unknown field ignored", path, key)
-    cfg.root = cfg.root.strip()
-    cfg.address = cfg.address.strip()
-    for key in ("root", "address"):
-        value = getattr(cfg, key)
-        if not value:
-            raise ConfigError(path, key, "must be set")
-        if not os.path.isabs(value):
-            raise ConfigError(path, key, f"must be an absolute path; got {json.dumps(value)}")
-    for fs in ("ext4", "erofs"):  # upstream main.go appends the missing ones
-        if fs not in cfg.turbo_fs_type:
-            cfg.turbo_fs_type.append(fs)
-    return cfg
-
-
-def _exporter(value: Any, path: str) -> ExporterConfig:
-    if value is None:
-        return ExporterConfig()
-    if not isinstance(value, dict):
-        raise ConfigError(path, "exporterConfig", f"expected object, got {json.dumps(value)[:60]}")
-    out = ExporterConfig()
-    known = {s.key: s for s in EXPORTER_SETTINGS}
-    for key, v in value.items():
-        if key not in known:
-            log.warning("%s: exporterConfig.%s: unknown field ignored", path, key)
-            continue
-        setattr(out, _attr(key), check_value(path, f"exporterConfig.{key}", known[key], v))
-    if not 0 <= out.port <= 65535:
-        raise ConfigError(path, "exporterConfig.port", f"must be 0..65535; got {out.port}")
-    return out
-
-
-def _mirrors(value: Any, path: str) -> list[MirrorRegistry]:
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        raise ConfigError(path, "mirrorRegistry", f"expected array, got {json.dumps(value)[:60]}")
-    out = []
-    for i, item in enumerate(value):
-        where = f"mirrorRegistry[{i}]"
-        if not isinstance(item, dict):
-            raise ConfigError(path, where, f"expected object, got {json.dumps(item)[:60]}")
-        host = item.get("host")
-        if not isinstance(host, str) or not host:
-            raise ConfigError(path, f"{where}.host", f"expected non-empty string, got {json.dumps(host)}")
-        insecure = item.get("insecure", False)
-        if not isinstance(insecure, bool):
-            raise ConfigError(path, f"{where}.insecure", f"expected boolean, got {json.dumps(insecure)}")
-        out.append(MirrorRegistry(host, insecure))
-    return out
-
-
-def _string_list(value: Any, path: str, key: str) -> list[str]:
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ConfigError(path, key, f"expected array of strings, got {json.dumps(value)[:60]}")
-    return list(value)
+    return parse_section(SNAPSHOTTER, data, path)
 
 
 def load_config(path: str | os.PathLike[str] = DEFAULT_PATH) -> SnapshotterConfig:
     """Read and validate a config.json file."""
-    p = os.fspath(path)
-    return config_from_dict(read_json(p), p)
+    return load_file(SNAPSHOTTER, path)
 
 
-def config_to_dict(cfg: SnapshotterConfig) -> dict[str, Any]:
+def config_to_dict(cfg: SnapshotterConfig) -> dict[str, object]:
     """The JSON object (upstream spelling) for `cfg`."""
-    out: dict[str, Any] = {s.key: getattr(cfg, _attr(s.key)) for s in SETTINGS}
-    out["exporterConfig"] = {s.key: getattr(cfg.exporter_config, _attr(s.key)) for s in EXPORTER_SETTINGS}
-    out["mirrorRegistry"] = [{"host": m.host, "insecure": m.insecure} for m in cfg.mirror_registry]
-    out["turboFsType"] = list(cfg.turbo_fs_type)
-    return out
+    return to_json_dict(SNAPSHOTTER, cfg)
 
 
 def reference_markdown() -> str:
-    """Markdown table of every field, generated from the settings tables (used by docs/snapshotter.md)."""
-    rows = ["| field | type | default | meaning |", "| --- | --- | --- | --- |"]
-    for s in SETTINGS:
-        rows.append(f"| `{s.key}` | {s.kind} | `{json.dumps(s.default)}` | {s.doc} |")
-    for s in EXPORTER_SETTINGS:
-        rows.append(f"| `exporterConfig.{s.key}` | {s.kind} | `{json.dumps(s.default)}` | {s.doc} |")
-    rows.append("| `mirrorRegistry` | [{host, insecure}] | `[]` | `insecure: true` => http:// for that host |")
-    rows.append('| `turboFsType` | [string] | `["erofs","ext4"]` | TurboOCI fs preference (accepted, unused) |')
-    return "\n".join(rows) + "\n"
+    """Markdown reference of every field, generated from the settings table."""
+    return markdown_tables(SNAPSHOTTER)
+
+
+__all__ = [
+    "ConfigError",
+    "DEFAULT_PATH",
+    "ExporterConfig",
+    "MirrorRegistry",
+    "SNAPSHOTTER",
+    "SnapshotterConfig",
+    "config_from_dict",
+    "config_to_dict",
+    "load_config",
+    "reference_markdown",
+]

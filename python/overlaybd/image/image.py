@@ -21,7 +21,7 @@ import logging
 import os
 from typing import Any
 
-from ..config.device import DeviceConfig, load_device_config
+from ..config.image_config import DeviceConfig, load_device_config
 from ..config.schema import ConfigError
 from ..format.atomic import atomic_write_bytes
 from ..format.errors import FormatError, ReadOnly

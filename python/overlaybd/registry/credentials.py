@@ -115,7 +115,7 @@ class CredentialProvider:
         cc = service.credential_config
         return cls(
             cc.mode,
-            cc.path or service.credential_file_path,
+            cc.path,  # legacy credentialFilePath already folded in by config.service
             cc.timeout,
             cc.client_cert_path,
             cc.client_key_path,
