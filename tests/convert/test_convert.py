@@ -11,7 +11,7 @@ import tarfile
 import pytest
 from overlaybd.cli.convert import main as convert_main
 from overlaybd.convert.extract import LayerError, apply_layer
-from overlaybd.convert.ocilayout import Layout
+from overlaybd.oci.layout import Layout
 from snapshotter.images import busybox_layer, files_layer, write_layout
 
 PFX = "containerd.io/snapshot/overlaybd/"

@@ -152,7 +152,7 @@ def lower_mount_source(lowerdir: str) -> str:
 def main() -> None:
     prepare_guest()
     start_stack()
-    from overlaybd.snapshotter.devices import tcmu_available
+    from overlaybd.snapshotter.device_backend import tcmu_available
 
     check("tcmu_available", tcmu_available())
 

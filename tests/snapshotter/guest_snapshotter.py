@@ -48,7 +48,7 @@ def main() -> None:
         time.sleep(0.2)
 
     from overlaybd.config.snapshotter import SnapshotterConfig
-    from overlaybd.snapshotter.devices import TcmuBackend, default_backend
+    from overlaybd.snapshotter.device_backend import TcmuBackend, default_backend
     from overlaybd.snapshotter.service import Snapshotter
 
     root = "/tmp/snaproot"  # guest tmpfs: SQLite WAL needs shared memory, which 9p cannot map

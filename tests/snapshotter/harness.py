@@ -123,7 +123,7 @@ class Stack:
 
     def backend(self) -> list:
         """Every snapshot the snapshotter has (direct List, bypassing containerd's metadata)."""
-        from overlaybd.snapshotter import snapshots_pb2 as pb
+        from overlaybd.containerd_api import snapshots_pb2 as pb
 
         stub, ch = self.snapshot_client()
         try:
@@ -239,7 +239,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
     def snapshot_client(self):
         """A direct gRPC client to the snapshotter socket (bypassing containerd)."""
         import grpc
-        from overlaybd.snapshotter import snapshots_pb2_grpc
+        from overlaybd.containerd_api import snapshots_pb2_grpc
 
         ch = grpc.insecure_channel(f"unix://{self.snap_sock}")
         return snapshots_pb2_grpc.SnapshotsStub(ch), ch

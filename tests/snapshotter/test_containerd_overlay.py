@@ -86,7 +86,7 @@ def test_ctr_snapshots_commands(stack):
 
 
 def _backend_names(stack):
-    from overlaybd.snapshotter import snapshots_pb2 as pb
+    from overlaybd.containerd_api import snapshots_pb2 as pb
 
     stub, ch = stack.snapshot_client()
     try:

@@ -8,7 +8,7 @@ import subprocess
 
 import grpc
 import pytest
-from overlaybd.snapshotter import snapshots_pb2 as pb
+from overlaybd.containerd_api import snapshots_pb2 as pb
 
 from .harness import IMAGE
 

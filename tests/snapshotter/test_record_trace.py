@@ -2,30 +2,20 @@
 acceleration layer, then rpull it on a fresh host: the trace replay fills the registry cache before any container
 reads, so the traced file is readable with the registry stopped.
 
-Also the acceleration layer's format helpers and the snapshotter's checks of the record-trace labels."""
+Also the snapshotter's checks of the record-trace labels (the acceleration layer's format: tests/oci/)."""
 
 from __future__ import annotations
 
-import io
 import json
-import os
 import random
 import subprocess
-import tarfile
 import time
 from pathlib import Path
 
 import pytest
 from overlaybd.cli.convert import main as convert_main
-from overlaybd.format.errors import FormatError
-from overlaybd.format.trace import TraceRecord, read_trace, write_trace
+from overlaybd.format.trace import read_trace
 from overlaybd.snapshotter import labels as L
-from overlaybd.snapshotter.record_trace import (
-    RecordTraceError,
-    append_acceleration_layer,
-    build_acceleration_layer,
-    read_acceleration_trace,
-)
 
 from .harness import VENV_BIN
 from .images import busybox_layer, files_layer, write_layout
@@ -152,7 +142,7 @@ def test_record_publish_and_replay(stack_factory, registry, traced_image, tmp_pa
 
     # 3. attaching the image (no container reads anything) replays the trace into the cache
     top = [i.name for i in b.backend() if i.labels.get(L.ACCELERATION_LAYER) == "yes"][0]
-    from overlaybd.snapshotter import snapshots_pb2 as pb
+    from overlaybd.containerd_api import snapshots_pb2 as pb
 
     stub, ch = b.snapshot_client()
     try:
@@ -184,7 +174,7 @@ def test_record_publish_and_replay(stack_factory, registry, traced_image, tmp_pa
 def test_record_trace_label_checks(stack, tmp_path):
     """Malformed record-trace labels are rejected at Prepare with InvalidArgument, naming the label."""
     import grpc
-    from overlaybd.snapshotter import snapshots_pb2 as pb
+    from overlaybd.containerd_api import snapshots_pb2 as pb
 
     stub, ch = stack.snapshot_client()
     try:
@@ -201,59 +191,3 @@ def test_record_trace_label_checks(stack, tmp_path):
     finally:
         ch.close()
     assert not (tmp_path / "t").exists()
-
-
-# --------------------------------------------------------------------------- acceleration layer format
-
-
-def test_acceleration_layer_round_trip(tmp_path):
-    path = tmp_path / "trace"
-    write_trace(path, [TraceRecord("R", 1, 4096, 8192)])
-    blob = build_acceleration_layer(path.read_bytes())
-    assert blob == build_acceleration_layer(path.read_bytes())  # reproducible
-    assert read_acceleration_trace(blob, "accel") == path.read_bytes()
-
-
-def test_acceleration_layer_bad_blobs():
-    with pytest.raises(FormatError) as ei:
-        read_acceleration_trace(b"not a tar at all" * 100, "reg/repo@sha256:x")
-    assert ei.value.path == "reg/repo@sha256:x" and ei.value.field == "tar"
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tf:
-        ti = tarfile.TarInfo("other")
-        tf.addfile(ti, io.BytesIO(b""))
-        ti = tarfile.TarInfo("trace")
-        ti.type = tarfile.DIRTYPE
-        tf.addfile(ti)
-    with pytest.raises(FormatError) as ei:
-        read_acceleration_trace(buf.getvalue(), "accel")
-    assert ei.value.field == "trace" and "regular file" in str(ei.value)
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tf:
-        tf.addfile(tarfile.TarInfo("other"), io.BytesIO(b""))
-    with pytest.raises(FormatError) as ei:
-        read_acceleration_trace(buf.getvalue(), "accel")
-    assert ei.value.field == "trace" and "no `trace`" in str(ei.value)
-
-
-def test_append_acceleration_layer(tmp_path):
-    layout = tmp_path / "layout"
-    write_layout(layout, "x:src", [busybox_layer()])
-    digest = append_acceleration_layer(layout, "src", "accel", b"TRACE")
-    idx = json.loads((layout / "index.json").read_text())
-    entry = [m for m in idx["manifests"] if m["digest"] == digest][0]
-    assert entry["annotations"]["org.opencontainers.image.ref.name"] == "accel"
-    manifest = json.loads((layout / "blobs/sha256" / digest[7:]).read_bytes())
-    top = manifest["layers"][-1]
-    assert top["annotations"][L.ACCELERATION_LAYER] == "yes"
-    assert top["annotations"][L.BLOB_DIGEST] == top["digest"]
-    assert top["annotations"][L.BLOB_SIZE] == str(top["size"])
-    config = json.loads((layout / "blobs/sha256" / manifest["config"]["digest"][7:]).read_bytes())
-    assert config["rootfs"]["diff_ids"][-1] == top["digest"]  # uncompressed: diff_id == digest
-    blob = (layout / "blobs/sha256" / top["digest"][7:]).read_bytes()
-    assert read_acceleration_trace(blob, "accel") == b"TRACE"
-    with pytest.raises(RecordTraceError, match="already has an acceleration layer"):
-        append_acceleration_layer(layout, "accel", "accel2", b"TRACE")
-    with pytest.raises(RecordTraceError, match="no image named"):
-        append_acceleration_layer(layout, "missing", "x", b"")
-    assert os.path.exists(layout / "oci-layout")

@@ -160,7 +160,7 @@ def _mounted_source(m, tmp_path, name):
 
 
 def test_writable_dir_and_dev_and_commit_seals(lazy_stack, obd_image, tmp_path):
-    from overlaybd.snapshotter import snapshots_pb2 as pb
+    from overlaybd.containerd_api import snapshots_pb2 as pb
 
     ref, _ = obd_image
     rpull(lazy_stack, ref)
@@ -274,8 +274,8 @@ def test_ctr_pull_of_overlaybd_image_is_local_block(lazy_stack, obd_image, cname
 
 def test_crash_during_remove_of_writable_releases_device(lazy_stack, obd_image):
     """Row deleted, then the snapshotter dies before unmount/detach: the next start unmounts and detaches."""
+    from overlaybd.containerd_api import snapshots_pb2 as pb
     from overlaybd.fuse.control import request
-    from overlaybd.snapshotter import snapshots_pb2 as pb
 
     ref, _ = obd_image
     rpull(lazy_stack, ref)

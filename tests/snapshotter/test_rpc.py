@@ -6,7 +6,7 @@ import os
 
 import grpc
 import pytest
-from overlaybd.snapshotter import snapshots_pb2 as pb
+from overlaybd.containerd_api import snapshots_pb2 as pb
 
 
 @pytest.fixture

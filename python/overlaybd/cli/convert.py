@@ -21,9 +21,10 @@ def _layout_arg(text: str) -> tuple[str, str | None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from overlaybd.convert.convertor import ConvertError, Options, convert_layout, skopeo_copy
+    from overlaybd.convert.convertor import ConvertError, Options, convert_layout
     from overlaybd.convert.extract import LayerError
-    from overlaybd.convert.ocilayout import Layout, LayoutError
+    from overlaybd.oci.layout import Layout, LayoutError
+    from overlaybd.oci.skopeo import SkopeoError, skopeo_copy
 
     ap = argparse.ArgumentParser(prog="overlaybd-convert", description=__doc__)
     ap.add_argument("src", help="oci:DIR[:NAME] or docker://REF")
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             if args.dst.startswith("docker://"):
                 skopeo_copy(f"oci:{dst_path}:{dst_name}", args.dst, insecure=args.insecure)
-    except (ConvertError, LayoutError, LayerError, OSError) as e:
+    except (ConvertError, LayoutError, LayerError, SkopeoError, OSError) as e:
         print(f"overlaybd-convert: {e}", file=sys.stderr)
         return 1
     print(digest)

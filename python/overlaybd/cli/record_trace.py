@@ -17,7 +17,7 @@ from overlaybd import __version__
 
 
 def main(argv: list[str] | None = None) -> int:
-    from overlaybd.snapshotter.record_trace import RecordTraceError, describe, record_trace
+    from overlaybd.containerd_client.trace_recorder import RecordTraceError, describe, record_trace
 
     ap = argparse.ArgumentParser(
         prog="overlaybd-record-trace", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

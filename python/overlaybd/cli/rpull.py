@@ -11,7 +11,7 @@ from overlaybd import __version__
 
 
 def main(argv: list[str] | None = None) -> int:
-    from overlaybd.snapshotter.rpull import RpullError, rpull
+    from overlaybd.containerd_client.lazy_pull import RpullError, rpull
 
     ap = argparse.ArgumentParser(prog="rpull", description=__doc__)
     ap.add_argument("ref", help="image reference, e.g. registry.example/ns/app:tag")

@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     fmt = "%(asctime)s %(levelname)s %(name)s" + (" %(funcName)s" if cfg.log_report_caller else "") + ": %(message)s"
     logging.basicConfig(level=LEVELS.get(cfg.verbose, logging.INFO), format=fmt)
 
-    from overlaybd.snapshotter.devices import default_backend
+    from overlaybd.snapshotter.device_backend import default_backend
     from overlaybd.snapshotter.server import serve
     from overlaybd.snapshotter.service import Snapshotter
 

@@ -20,24 +20,22 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from ..host.command import HostError, run
+from ..host.command import HostError
 from ..host.mkfs import mkfs
 from ..host.mount import mount, umount, umount_all_under
-from .extract import apply_layer
-from .ocilayout import (
+from ..oci.annotations import layer_annotations
+from ..oci.layout import Layout
+from ..oci.mediatypes import (
     MT_DOCKER_CONFIG,
     MT_DOCKER_LAYER,
     MT_DOCKER_MANIFEST,
     MT_OCI_CONFIG,
     MT_OCI_LAYER,
     MT_OCI_MANIFEST,
-    Layout,
 )
+from .extract import apply_layer
 
 log = logging.getLogger(__name__)
-
-LABEL_PREFIX = "containerd.io/snapshot/overlaybd/"
-VERSION = "0.1.0"
 
 
 class ConvertError(RuntimeError):
@@ -51,20 +49,6 @@ class Options:
     algorithm: str = "lz4"
     block_kib: int = 4
     oci: bool = True  # OCI manifest/media types (convertor --oci); False: Docker v2
-
-
-@dataclass
-class ConvertedLayer:
-    digest: str
-    size: int
-    path: str  # committed file (kept as the next layer's lower)
-
-
-def _run(cmd: list[str], what: str) -> None:
-    try:
-        run(cmd, what)
-    except HostError as e:
-        raise ConvertError(str(e)) from e
 
 
 @contextlib.contextmanager
@@ -159,12 +143,7 @@ def convert_layout(
                     "mediaType": MT_OCI_LAYER if opts.oci else MT_DOCKER_LAYER,
                     "digest": digest,
                     "size": size,
-                    "annotations": {
-                        LABEL_PREFIX + "version": VERSION,
-                        LABEL_PREFIX + "blob-digest": digest,
-                        LABEL_PREFIX + "blob-size": str(size),
-                        LABEL_PREFIX + "blob-fs-type": opts.fstype,
-                    },
+                    "annotations": layer_annotations(digest, size, opts.fstype),
                 }
             )
         config = dict(image.config)
@@ -183,11 +162,3 @@ def convert_layout(
     finally:
         umount_all_under(work, lazy=True)
         shutil.rmtree(work, ignore_errors=True)
-
-
-def skopeo_copy(src: str, dst: str, insecure: bool = True) -> None:
-    """Move an image between transports (`oci:DIR:TAG`, `docker://HOST/REPO:TAG`) with skopeo."""
-    cmd = ["skopeo", "copy", "--quiet", "--preserve-digests"]
-    if insecure:
-        cmd += ["--src-tls-verify=false", "--dest-tls-verify=false"]
-    _run([*cmd, src, dst], "skopeo copy")

@@ -1,32 +1,62 @@
 """Snapshot label keys (upstream pkg/label) and the checks applied to incoming labels.
 
 Why: the labels are the protocol between containerd's unpacker, `rpull`, the convertor and
-this snapshotter; a malformed one must be rejected with InvalidArgument at Prepare time,
-not discovered later as a device that fails to attach.
+this snapshotter; a malformed one must be rejected with InvalidArgument at Prepare time, not
+discovered later as a device that fails to attach. The keys the image and its clients share are
+defined in `oci/annotations.py` and re-exported here, so the snapshotter reads one module.
 """
 
 from __future__ import annotations
 
 import re
 
+from ..oci.annotations import (
+    ACCELERATION_LAYER,
+    BLOB_DIGEST,
+    BLOB_FS_TYPE,
+    BLOB_SIZE,
+    CRI_IMAGE_REF,
+    RECORD_TRACE,
+    RECORD_TRACE_PATH,
+    TARGET_IMAGE_REF,
+    TARGET_SNAPSHOT_REF,
+    VERSION,
+    is_acceleration_layer,
+)
 from .errors import InvalidArgument
 
-TARGET_SNAPSHOT_REF = "containerd.io/snapshot.ref"
-TARGET_IMAGE_REF = "containerd.io/snapshot/image-ref"
-CRI_IMAGE_REF = "containerd.io/snapshot/cri.image-ref"
-BLOB_DIGEST = "containerd.io/snapshot/overlaybd/blob-digest"
-BLOB_SIZE = "containerd.io/snapshot/overlaybd/blob-size"
-BLOB_FS_TYPE = "containerd.io/snapshot/overlaybd/blob-fs-type"
-VERSION = "containerd.io/snapshot/overlaybd/version"
+__all__ = [
+    "ACCELERATION_LAYER",
+    "BLOB_DIGEST",
+    "BLOB_FS_TYPE",
+    "BLOB_SIZE",
+    "CRI_IMAGE_REF",
+    "LOCAL_COMMIT_PATH",
+    "RECORD_TRACE",
+    "RECORD_TRACE_PATH",
+    "REMOTE",
+    "REMOTE_VALUE",
+    "SNAPSHOT_TYPE",
+    "TARGET_IMAGE_REF",
+    "TARGET_SNAPSHOT_REF",
+    "VERSION",
+    "VSIZE",
+    "WRITABLE",
+    "WRITABLE_MODES",
+    "image_ref",
+    "is_acceleration_layer",
+    "is_remote_layer",
+    "records_trace",
+    "validate",
+]
+
+# labels only the snapshotter and containerd exchange (the image's keys are in oci/annotations.py)
 VSIZE = "containerd.io/snapshot/overlaybd/vsize"
 REMOTE = "containerd.io/snapshot/remote"
 REMOTE_VALUE = "remote snapshot"
 SNAPSHOT_TYPE = "containerd.io/snapshot/type"
 WRITABLE = "containerd.io/snapshot/overlaybd.writable"
 LOCAL_COMMIT_PATH = "containerd.io/snapshot/overlaybd.localcommitpath"
-ACCELERATION_LAYER = "containerd.io/snapshot/overlaybd/acceleration-layer"
-RECORD_TRACE = "containerd.io/snapshot/overlaybd/record-trace"
-RECORD_TRACE_PATH = "containerd.io/snapshot/overlaybd/record-trace-path"
 
 MAX_LABEL_BYTES = 4096  # containerd labels.Validate: len(key)+len(value)
 DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
@@ -78,8 +108,3 @@ def is_remote_layer(labels: dict[str, str]) -> bool:
 def records_trace(labels: dict[str, str]) -> bool:
     """`ctr record-trace`: the rootfs asks for its image layer's reads to be recorded."""
     return labels.get(RECORD_TRACE) == "yes"
-
-
-def is_acceleration_layer(labels: dict[str, str]) -> bool:
-    """The image's trace layer (manifest annotation): its blob is a small tar holding `trace`."""
-    return labels.get(ACCELERATION_LAYER) == "yes"

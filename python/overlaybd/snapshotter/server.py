@@ -13,7 +13,7 @@ from concurrent import futures
 
 import grpc
 
-from . import mount_pb2, snapshots_pb2, snapshots_pb2_grpc, wkt_pb2
+from ..containerd_api import mount_pb2, snapshots_pb2, snapshots_pb2_grpc, wkt_pb2
 from .errors import SnapshotError
 from .mounts import Mount
 from .service import Snapshotter

@@ -4,7 +4,8 @@ Why this shape: every RPC is one `Store.transaction()`; filesystem work that mus
 the row is visible (mkdir, config.v1.json) happens inside the transaction, work that may only
 happen after the row is gone (rmtree) happens after COMMIT. A crash therefore leaves at worst a
 directory without a row, which `reconcile()` deletes on the next start — never a row whose
-files are missing. Error codes follow containerd's bolt storage (spec flatcar.md §6).
+files are missing. Error codes follow containerd's bolt storage (spec flatcar.md §6). Devices
+are brought up and down by `lifecycle.DeviceLifecycle`; this module decides when.
 """
 
 from __future__ import annotations
@@ -18,10 +19,18 @@ from typing import Any
 
 from ..config.snapshotter import SnapshotterConfig
 from ..format.atomic import atomic_write_bytes
-from ..host.mkfs import MkfsError, mkfs
-from ..host.mount import MountError, mount
+from ..oci.acceleration import TRACE_MEMBER, fetch_acceleration_trace
 from . import labels as L
-from .devices import DeviceBackend
+from .device_backend import DeviceBackend
+from .device_config import (
+    acceleration_layer_config,
+    is_overlaybd_file,
+    parent_lowers,
+    read_config,
+    remote_layer_config,
+    repo_blob_url,
+    write_config,
+)
 from .errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -34,20 +43,10 @@ from .errors import (
 )
 from .faults import crashpoint
 from .filters import compile_filters
-from .fsutil import disk_usage, is_mounted, remove_tree, umount
+from .fsutil import disk_usage, is_mounted, remove_tree
 from .layout import SnapshotDir, snapshots_dir
+from .lifecycle import DeviceLifecycle
 from .mounts import Mount, bind, overlay_mounts
-from .remote import (
-    acceleration_layer_config,
-    is_overlaybd_file,
-    parent_lowers,
-    read_config,
-    remote_layer_config,
-    repo_blob_url,
-    sealed_config,
-    writable_config,
-    write_config,
-)
 from .store import ACTIVE, COMMITTED, VIEW, Snapshot, Store, Transaction, now_ns
 
 log = logging.getLogger(__name__)
@@ -70,8 +69,13 @@ class Snapshotter:
         self.root = cfg.root
         os.makedirs(snapshots_dir(self.root), mode=0o700, exist_ok=True)
         self.store = Store(os.path.join(self.root, "metadata.db"))
-        self.devices = devices
+        self.lifecycle = DeviceLifecycle(cfg, devices)
         self.insecure = cfg.insecure_hosts()
+
+    @property
+    def devices(self) -> DeviceBackend | None:
+        """The device backend (TCMU or FUSE frontend), None on a host with neither."""
+        return self.lifecycle.devices
 
     def close(self) -> None:
         self.store.close()
@@ -111,7 +115,7 @@ class Snapshotter:
             p = tx.get(parent)
             sd = self.dir(p)
             if sd.is_block():
-                self._ensure_ro_mounted(p)
+                self.lifecycle.ensure_ro_mounted(p)
                 out.append(sd.mountpoint)
                 break
             out.append(sd.fs)
@@ -122,63 +126,11 @@ class Snapshotter:
         sd = self.dir(s)
         mode = s.labels.get(L.WRITABLE, "")
         if s.kind == ACTIVE and sd.is_block() and os.path.exists(sd.writable_data):
-            dev = self._ensure_rw_attached(s)
+            dev = self.lifecycle.ensure_rw_attached(s)
             if mode == "dev":
-                return [Mount(self._fs_type(s), dev, ["discard"])]
+                return [Mount(self.lifecycle.fs_type(s), dev, ["discard"])]
             return [bind(sd.mountpoint, readonly=False)]
         return overlay_mounts(sd.fs, sd.work, self._lowers(tx, s.parent), view=s.kind == VIEW)
-
-    def _fs_type(self, s: Snapshot) -> str:
-        spec = s.labels.get(L.BLOB_FS_TYPE, "") or self.cfg.default_fs_type
-        return spec.split(";", 1)[0] or "ext4"
-
-    # -- devices ---------------------------------------------------------------------------------
-    def _need_devices(self) -> DeviceBackend:
-        if self.devices is None:
-            raise Unavailable("no overlaybd device frontend available (neither TCMU nor the FUSE frontend)")
-        return self.devices
-
-    def _ensure_ro_mounted(self, s: Snapshot) -> None:
-        """Attach the layer's device read-only and mount it at block/mountpoint (idempotent)."""
-        sd = self.dir(s)
-        if is_mounted(sd.mountpoint):
-            return
-        devices = self._need_devices()
-        dev = devices.attach(sd, writable=False)
-        os.makedirs(sd.mountpoint, exist_ok=True)
-        fs = self._fs_type(s)
-        opts = "ro,noload" if fs == "ext4" else "ro"
-        try:
-            mount(dev, sd.mountpoint, fs, opts)
-        except MountError as e:
-            devices.detach(sd)
-            raise Internal(f"snapshot {s.key}: {e}") from e
-
-    def _ensure_rw_attached(self, s: Snapshot) -> str:
-        """Writable device: attached, and in dir mode mounted at block/mountpoint; returns the device."""
-        sd = self.dir(s)
-        devices = self._need_devices()
-        dev = devices.device_of(sd)
-        if dev is None:
-            dev = devices.attach(sd, writable=True)
-        if s.labels.get(L.WRITABLE, "") != "dev" and not is_mounted(sd.mountpoint):
-            os.makedirs(sd.mountpoint, exist_ok=True)
-            fs = self._fs_type(s)
-            try:
-                mount(dev, sd.mountpoint, fs, "discard")
-            except MountError as e:
-                raise Internal(f"snapshot {s.key}: {e}") from e
-        return dev
-
-    def _release(self, sd: SnapshotDir) -> None:
-        """Unmount the snapshot's device mount and detach its device (for Remove/Cleanup)."""
-        if os.path.isdir(sd.mountpoint) and is_mounted(sd.mountpoint):
-            umount(sd.mountpoint)
-        if self.devices is not None and os.path.exists(sd.backstore_mark):
-            try:
-                self.devices.detach(sd)
-            except Exception as e:  # noqa: BLE001 - best effort, logged
-                log.warning("detach %s: %s", sd.path, e)
 
     # -- RPCs ------------------------------------------------------------------------------------
     def prepare(self, key: str, parent: str, labels: dict[str, str]) -> list[Mount]:
@@ -213,7 +165,7 @@ class Snapshotter:
             os.makedirs(sd.fs, mode=0o755)
             os.makedirs(sd.work, mode=0o711)
             if kind == ACTIVE and writable in L.WRITABLE_MODES and (p is None or self.dir(p).is_block()):
-                self._create_writable(s, p, writable)
+                self.lifecycle.create_writable(s, p)
                 s.labels.setdefault(L.WRITABLE, writable)
                 tx.save(s)
             mounts = self._mounts(tx, s)
@@ -240,7 +192,7 @@ class Snapshotter:
                     f"{L.RECORD_TRACE}=yes: the device of layer {p.key} is in use by other "
                     "snapshots; stop their containers first: failed precondition"
                 )
-            self._release(psd)
+            self.lifecycle.release(psd)
         try:
             with open(trace_path, "wb"):
                 pass  # an empty file means record mode
@@ -251,14 +203,13 @@ class Snapshotter:
             raise InvalidArgument(f"{L.RECORD_TRACE_PATH}={trace_path!r}: {e.strerror}: invalid argument") from e
         write_config(psd.config, {**cfg, "recordTracePath": trace_path})
         try:
-            self._ensure_ro_mounted(p)
+            self.lifecycle.ensure_ro_mounted(p)
         finally:
             write_config(psd.config, cfg)
 
     def _acceleration_trace(self, labels: dict[str, str]) -> bytes:
         """The `trace` inside an acceleration layer's (small, tar) blob, fetched now: it must be local."""
         from ..format.errors import FormatError
-        from .record_trace import fetch_acceleration_trace
 
         digest = labels[L.BLOB_DIGEST]
         try:
@@ -298,7 +249,7 @@ class Snapshotter:
             make_config = acceleration_layer_config if accel else remote_layer_config
             cfg = make_config(sd, self.dir(p) if p else None, url, labels[L.BLOB_DIGEST], int(labels[L.BLOB_SIZE]))
             if accel:
-                atomic_write_bytes(os.path.join(sd.block, "trace"), trace)
+                atomic_write_bytes(os.path.join(sd.block, TRACE_MEMBER), trace)
             write_config(sd.config, cfg)
             with open(sd.image_ref, "w") as f:
                 f.write(L.image_ref(labels))
@@ -308,26 +259,6 @@ class Snapshotter:
         crashpoint("remote.after-commit")
         log.info("remote snapshot %s prepared lazily (key %s)", target, key)
         raise AlreadyExists(f"target snapshot {target} already exists")
-
-    def _create_writable(self, s: Snapshot, parent: Snapshot | None, mode: str) -> None:
-        """A writable overlaybd device (rwMode dir/dev): LSMT upper + config, attach, mkfs for a fresh image."""
-        from ..format import lsmt
-
-        sd = self.dir(s)
-        os.makedirs(sd.mountpoint, exist_ok=True)
-        vsize_gb = int(s.labels.get(L.VSIZE, "64"))
-        lsmt.create_rw(
-            sd.writable_data, sd.writable_index, vsize_gb << 30, sparse=self.cfg.writable_layer_type == "sparse"
-        )
-        write_config(sd.config, writable_config(sd, self.dir(parent) if parent else None))
-        dev = self._need_devices().attach(sd, writable=True)
-        if parent is None:
-            fs = self._fs_type(s)
-            try:
-                mkfs(dev, fs)
-            except MkfsError as e:
-                self._need_devices().detach(sd)
-                raise Internal(f"snapshot {s.key}: {e}") from e
 
     def mounts(self, key: str) -> list[Mount]:
         def op() -> list[Mount]:
@@ -358,7 +289,7 @@ class Snapshotter:
                     s.parent = parent
                 sd = self.dir(s)
                 if sd.is_block() and (os.path.exists(sd.writable_data) or os.path.exists(sd.writable_index)):
-                    self._seal(s)
+                    self.lifecycle.seal_writable(s)
                     new_labels = {**labels, L.LOCAL_COMMIT_PATH: sd.sealed}
                     s.size, s.inodes = os.stat(sd.sealed).st_blocks * 512, 1
                 else:
@@ -383,20 +314,6 @@ class Snapshotter:
         lowers = [*parent_lowers(self.dir(parent) if parent else None), {"file": sd.commit_file}]
         write_config(sd.config, {"repoBlobUrl": "", "lowers": lowers, "resultFile": sd.result_file})
 
-    def _seal(self, s: Snapshot) -> None:
-        """Commit of a writable device: unmount, detach, seal the LSMT upper into fs/overlaybd.sealed (read-only)."""
-        from ..format import lsmt
-
-        sd = self.dir(s)
-        self._release(sd)
-        if os.path.exists(sd.writable_data):  # idempotent: a crash may have stopped a previous Commit midway
-            if os.path.exists(sd.writable_index):
-                lsmt.seal(sd.writable_data, sd.writable_index)
-            os.replace(sd.writable_data, sd.sealed)
-        write_config(sd.config, sealed_config(sd))
-        if os.path.exists(sd.writable_index):
-            os.unlink(sd.writable_index)
-
     def remove(self, key: str) -> None:
         def op() -> None:
             with self.store.transaction() as tx:
@@ -407,7 +324,7 @@ class Snapshotter:
             crashpoint("remove.after-commit")
             sd = self.dir(s)
             if not self.cfg.async_remove:
-                self._release(sd)
+                self.lifecycle.release(sd)
                 remove_tree(sd.path)
             if self.cfg.auto_remove_dev and s.parent:
                 self._release_unused(s.parent)
@@ -422,7 +339,7 @@ class Snapshotter:
                 return
         psd = self.dir(p)
         if psd.is_block():
-            self._release(psd)
+            self.lifecycle.release(psd)
 
     def stat(self, key: str) -> Snapshot:
         def op() -> Snapshot:
@@ -494,7 +411,7 @@ class Snapshotter:
                 continue
             path = os.path.join(base, name)
             if name.isdigit():
-                self._release(SnapshotDir(self.root, int(name)))
+                self.lifecycle.release(SnapshotDir(self.root, int(name)))
             remove_tree(path)
             removed.append(name)
         if removed:
@@ -519,20 +436,7 @@ class Snapshotter:
                         dropped.append(s.key)
                         log.error("snapshot %s (id %d) has no directory; dropped", s.key, s.id)
                     continue
-                if sd.is_block() and os.path.isdir(sd.mountpoint):
-                    try:
-                        os.listdir(sd.mountpoint)
-                    except OSError:  # device gone under a mount (frontend died): remount on demand
-                        umount(sd.mountpoint, lazy=True)
-                        stale.append(s.key)
-                if (
-                    os.path.exists(sd.backstore_mark)
-                    and self.devices is not None
-                    and self.devices.device_of(sd) is None
-                ):
-                    os.unlink(sd.backstore_mark)  # the device is gone; attach again when needed
-                    if is_mounted(sd.mountpoint):
-                        umount(sd.mountpoint, lazy=True)
+                if self.lifecycle.drop_stale(sd):
                     stale.append(s.key)
         orphans = self._remove_orphans()
         return {"dropped": dropped, "orphans": orphans, "stale_mounts": stale}

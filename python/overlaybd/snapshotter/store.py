@@ -115,10 +115,6 @@ class Transaction:
             raise NotFound(f"snapshot {key} does not exist: not found")
         return s
 
-    def by_id(self, sid: int) -> Snapshot | None:
-        r = self.db.execute("SELECT * FROM snapshots WHERE id = ?", (sid,)).fetchone()
-        return _row(r) if r else None
-
     def all(self) -> list[Snapshot]:
         return [_row(r) for r in self.db.execute("SELECT * FROM snapshots ORDER BY id")]
 

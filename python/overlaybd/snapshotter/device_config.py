@@ -17,7 +17,7 @@ from .layout import SnapshotDir
 
 def repo_blob_url(image_ref: str, insecure_hosts: set[str]) -> str:
     """`https://<host>/v2/<repo>/blobs` for an image reference (docker.io -> registry-1.docker.io)."""
-    from ..registry.reference import ReferenceError, parse_reference
+    from ..registry.image_ref import ReferenceError, parse_reference
 
     try:
         ref = parse_reference(image_ref)

@@ -1,7 +1,7 @@
-"""Reading and writing OCI image layouts (the convertor's input and output on disk).
+"""Reading and writing OCI image layouts (the convertor's and record-trace's images on disk).
 
 Why a layout: it is what skopeo, `ctr image import/export` and registries all speak, so the
-convertor only transforms layouts and leaves transport (registry pull/push) to skopeo.
+convertor and record-trace only transform layouts and leave transport (registry pull/push) to skopeo.
 """
 
 from __future__ import annotations
@@ -16,15 +16,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from ..format.atomic import atomic_write_bytes
+from .mediatypes import INDEX_TYPES
 
-MT_OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-MT_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-MT_OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
-MT_OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
-MT_DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
-MT_DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
-MT_DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
-MT_DOCKER_LAYER = "application/vnd.docker.image.rootfs.diff.tar"
 NAME_ANNOTATION = "io.containerd.image.name"
 REF_ANNOTATION = "org.opencontainers.image.ref.name"
 
@@ -39,6 +32,8 @@ class LayoutError(ValueError):
 
 @dataclass
 class SourceImage:
+    """One image of a layout: its manifest and config documents and the manifest's digest."""
+
     manifest: dict[str, Any]
     config: dict[str, Any]
     manifest_digest: str
@@ -95,7 +90,7 @@ class Layout:
             )
         desc = manifests[0]
         doc = self.read_json(desc["digest"], "manifest")
-        if doc.get("mediaType", desc.get("mediaType")) in (MT_OCI_INDEX, MT_DOCKER_LIST) or "manifests" in doc:
+        if doc.get("mediaType", desc.get("mediaType")) in INDEX_TYPES or "manifests" in doc:
             os_, arch = platform.split("/", 1)
             for m in doc.get("manifests", []):
                 p = m.get("platform", {})
@@ -154,9 +149,15 @@ class Layout:
         return digest, size
 
     def tag(self, name: str, digest: str, size: int, media_type: str) -> None:
+        """Point `name` (and its tag as `ref.name`, what skopeo's `oci:DIR:NAME` looks up) at a manifest."""
         idx = self.index()
         ref = name.rsplit(":", 1)[-1] if ":" in name.rsplit("/", 1)[-1] else name
-        keep = [m for m in idx.get("manifests", []) if m.get("annotations", {}).get(NAME_ANNOTATION) != name]
+
+        def replaced(m: dict[str, Any]) -> bool:
+            ann = m.get("annotations") or {}
+            return ann.get(NAME_ANNOTATION) == name or (NAME_ANNOTATION not in ann and ann.get(REF_ANNOTATION) == ref)
+
+        keep = [m for m in idx.get("manifests", []) if not replaced(m)]
         keep.append(
             {
                 "mediaType": media_type,
