@@ -11,22 +11,34 @@ On a realistic ext4 image (default 512 MiB; built with `mkfs.ext4 -d` from a cop
   N random 4 KiB reads of the uncompressed 3-layer stack (reads/s; target >= 100k on one core)
 and prints ratio = ours / reference next to upstream C++'s ratio and the target
 (within 1.5x of upstream). Everything runs with a warm page cache; our side runs
-single-threaded (threads=1) like the references. Not run by the tests.
+single-threaded (threads=1) like the references.
+
+Then the ZFile build scaling table: `overlaybd-zfile`'s library path (`zfile.compress`, default
+threads = usable CPUs) on the committed base layer, in a child process pinned to one CPU
+(`taskset -c`) and on all usable CPUs, alternated, for lz4 and zstd; throughput medians and the
+ratio (target >= 1.7x on 2 cores), plus the per-MB cost of the serial parts (reading, writing,
+jump table, per-batch Python) that bound scaling on many cores. Not run by the tests.
 
 Usage: .venv/bin/python bench/format.py [--size-mib 512] [--reads 500000] [--workdir /var/tmp]
+       .venv/bin/python bench/format.py --scaling-only [--size-mib 256] [--scaling-runs 7]
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import io
+import json
 import os
 import random
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from array import array
 from pathlib import Path
 
 from overlaybd.format import lsmt, opener, zfile
@@ -181,12 +193,176 @@ def random_reads(read, offsets: list[int]) -> float:
     return time.perf_counter() - t0
 
 
+# ---- ZFile build scaling --------------------------------------------------------------------------------------
+_CHILD = """
+import json, sys, time
+from overlaybd.format import zfile
+from overlaybd.format.fileio import LocalFile
+from overlaybd.format.zfile import writer
+src, dst, algo = sys.argv[1:4]
+with LocalFile(src) as f, open(dst, "wb") as out:
+    t0, c0 = time.perf_counter(), time.process_time()
+    zfile.compress(f, out, algorithm=algo)  # default threads: the CPUs taskset left us
+    out.flush()
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+print(json.dumps({"wall": wall, "cpu": cpu, "threads": writer.default_threads(), "accel": writer.ACCELERATED}))
+"""
+
+
+def busy_cpus() -> tuple[int, int]:
+    """(busy, total) jiffies from /proc/stat: to report how loaded the machine was during a run."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    idle = v[3] + v[4]
+    return sum(v) - idle, sum(v)
+
+
+def build_scaling(src: Path, work: Path, runs: int) -> list[dict]:
+    """Median throughput of a ZFile build on 1 CPU vs all usable CPUs (child processes, alternated)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    size = src.stat().st_size
+    dst = work / "scaling.zf"
+    rows = []
+    for algo in ("lz4", "zstd"):
+        res: dict[str, list[dict]] = {"1": [], "all": []}
+        b0 = busy_cpus()
+        for i in range(runs):
+            for which in ("1", "all") if i % 2 == 0 else ("all", "1"):
+                pin = ["taskset", "-c", str(cpus[0])] if which == "1" else []
+                out = subprocess.run(
+                    [*pin, sys.executable, "-c", _CHILD, str(src), str(dst), algo],
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                ).stdout
+                res[which].append(json.loads(out))
+                dst.unlink()
+        b1 = busy_cpus()
+        one = statistics.median(r["wall"] for r in res["1"])
+        many = statistics.median(r["wall"] for r in res["all"])
+        rows.append(
+            {
+                "algo": algo,
+                "cpus": len(cpus),
+                "threads": res["all"][0]["threads"],
+                "accel": res["all"][0]["accel"],
+                "mbs_1": size / one / 1e6,
+                "mbs_all": size / many / 1e6,
+                "ratio": one / many,
+                "best_ratio": min(r["wall"] for r in res["1"]) / min(r["wall"] for r in res["all"]),
+                "ratios": sorted(a["wall"] / b["wall"] for a, b in zip(res["1"], res["all"], strict=True)),
+                "cpu_1": statistics.median(r["cpu"] for r in res["1"]),
+                "cpu_all": statistics.median(r["cpu"] for r in res["all"]),
+                "busy": len(cpus) * (b1[0] - b0[0]) / max(1, b1[1] - b0[1]),
+            }
+        )
+    return rows
+
+
+def _best_ms_per_mb(fn, mb: float) -> float:
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times) * 1000 / mb
+
+
+def _algo_serial(algo: str, batches: list[bytes], work: Path, mb: float) -> dict[str, float]:
+    """The per-algorithm rows of serial_costs()."""
+    import zstandard
+    from overlaybd.format.crc32c import crc32c_raw
+    from overlaybd.format.zfile import writer
+
+    batcher = writer._BATCHERS[writer.hdr.ALGORITHMS[algo]]
+    results = [batcher(b, 4096, True) for b in batches]
+    total = _best_ms_per_mb(lambda: [batcher(b, 4096, True) for b in batches], mb)
+    if algo == "lz4" and writer._accel is not None:
+        acc = writer._accel
+        codec = _best_ms_per_mb(lambda: [acc.lz4_batch(b, 4096, writer.BLOCK_CRC_SEED) for b in batches], mb)
+    elif algo == "zstd":
+        c = zstandard.ZstdCompressor(level=3)
+        segs = [zstandard.BufferWithSegments(b, writer._segments(len(b), 4096)) for b in batches]
+        codec = _best_ms_per_mb(lambda: [c.multi_compress_to_buffer(s, threads=1) for s in segs], mb)
+    else:  # pure-Python lz4: every block's call takes the GIL, nothing is GIL-free per batch
+        codec = 0.0
+    path = work / "serial.out"
+
+    def write() -> None:
+        with open(path, "wb") as f:
+            for r in results:
+                f.write(r[0])
+
+    def table() -> None:
+        t = array("I")
+        for r in results:
+            t.extend(r[1])
+        crc32c_raw(t.tobytes())
+
+    rows = {
+        f"{algo}: batch task total (codec + CRC + Python; runs in parallel)": total,
+        f"{algo}: Python in the task holding the GIL (total - GIL-free call)": total - codec,
+        f"{algo}: write output (page cache)": _best_ms_per_mb(write, mb),
+        f"{algo}: jump table (extend, serialise, CRC)": _best_ms_per_mb(table, mb),
+    }
+    path.unlink()
+    return rows
+
+
+def serial_costs(src: Path, work: Path) -> dict[str, float]:
+    """Per-MB (of input) cost of what one thread does in order, measured alone (ms/MB, best of 3):
+    reading the input, writing the output, the jump table, and the per-batch Python around the codec."""
+    from overlaybd.format.zfile import writer
+
+    mb = src.stat().st_size / 1e6
+    step = writer.ZFileBuilder(io.BytesIO(), threads=1).batch_bytes
+    data = src.read_bytes()
+    batches = [data[o : o + step] for o in range(0, len(data), step)]
+
+    def read() -> None:
+        with LocalFile(src) as f:
+            for o in range(0, len(data), step):
+                f.pread_into(memoryview(bytearray(min(step, len(data) - o))), o)
+
+    out = {"read input (pread, fresh 512 KiB buffers)": _best_ms_per_mb(read, mb)}
+    for algo in ("lz4", "zstd"):
+        out.update(_algo_serial(algo, batches, work, mb))
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        t0 = time.perf_counter()
+        for _ in range(len(batches)):
+            pool.submit(int).result()
+        out["pool hand-off per batch (submit + result)"] = (time.perf_counter() - t0) * 1000 / mb
+    return out
+
+
+def print_scaling(rows: list[dict], serial: dict[str, float]) -> None:
+    print("\nZFile build scaling (zfile.compress of the committed base layer, 4 KiB blocks, CRCs on;")
+    print("child process on 1 CPU via taskset vs all usable CPUs; medians, runs alternated)")
+    print(
+        "| algorithm | CPUs | MB/s 1 CPU | MB/s all | ratio (median) | ratio (best runs) | per-run ratios |"
+        " CPU s 1 / all | machine busy (CPUs) | C batch |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: | --- | --- | ---: | --- |")
+    for r in rows:
+        ratios = " ".join(f"{x:.2f}" for x in r["ratios"])
+        print(
+            f"| {r['algo']} | {r['cpus']} | {r['mbs_1']:.0f} | {r['mbs_all']:.0f} | {r['ratio']:.2f}x | "
+            f"{r['best_ratio']:.2f}x | {ratios} | {r['cpu_1']:.2f} / {r['cpu_all']:.2f} | {r['busy']:.2f} | "
+            f"{'yes' if r['accel'] else 'no'} |"
+        )
+    print("\nserial parts, ms per MB of input (one thread each, measured alone, best of 3):")
+    for k, v in serial.items():
+        print(f"  {k}: {v:.3f}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size-mib", type=int, default=512, help="ext4 image size (default 512)")
     ap.add_argument("--reads", type=int, default=500_000, help="random 4 KiB reads (default 500000)")
     ap.add_argument("--workdir", default="/var/tmp", help="where to put the scratch files")
     ap.add_argument("--keep", action="store_true", help="keep the scratch dir")
+    ap.add_argument("--scaling-only", action="store_true", help="only the ZFile build scaling table")
+    ap.add_argument("--scaling-runs", type=int, default=7, help="runs per scaling cell (default 7)")
     args = ap.parse_args()
     for tool in ("mkfs.ext4", "lz4", "zstd", "cp", "cat"):
         if shutil.which(tool) is None:
@@ -215,6 +391,16 @@ def main() -> int:
         data.unlink()
         index.unlink()
         warm(base)
+        print(f"ZFile build scaling ({args.scaling_runs} runs per cell) ...", file=sys.stderr)
+        load0 = os.getloadavg()
+        scaling = build_scaling(base, work, args.scaling_runs)
+        serial = serial_costs(base, work)
+        load1 = os.getloadavg()
+        if args.scaling_only:
+            print(f"\nbase layer {base.stat().st_size / MiB:.1f} MiB, python {sys.version.split()[0]}")
+            print_scaling(scaling, serial)
+            print(f"load average before/after: {load0[0]:.2f} / {load1[0]:.2f}")
+            return 0
 
         refs = {  # algo -> (compress argv, decompress argv, label, file suffix); {i}/{o} = input/output
             "lz4": (["lz4", "-1", "-q", "-f", "{i}", "{o}"], ["lz4", "-d", "-q", "-f", "{i}", "{o}"], "lz4", "lz4"),
@@ -293,6 +479,8 @@ def main() -> int:
         f"zfile stack {zreads_per_s:,.0f}, raw file {args.reads / t_raw:,.0f}"
     )
     print(f"peak RSS: ours {rss_self:.0f} MiB, reference tools {rss_children:.0f} MiB")
+    print_scaling(scaling, serial)
+    print(f"load average before/after the scaling runs: {load0[0]:.2f} / {load1[0]:.2f}")
     print("file sizes: " + ", ".join(f"{k} {v / MiB:.1f} MiB" for k, v in sizes.items()))
     return 0
 

@@ -63,6 +63,21 @@ def test_merge_of_zfile_and_tar_lowers(tool, vectors: Path, tmp_path: Path, svc:
     assert tool("overlaybd-dump", "--sha256", out).stdout.decode().strip() == L01_SHA
 
 
+def test_merge_compress_threads(tool, vectors: Path, tmp_path: Path, svc: Path) -> None:
+    """--compress_threads picks the ZFile compression threads; the bytes do not depend on it."""
+    cfg = config(tmp_path, {"lowers": [{"file": str(vectors / "commit" / "L0.commit")}]})
+    outs = []
+    for n in ("1", "3"):
+        outs.append(tmp_path / f"m{n}.zf")
+        tool("overlaybd-merge", "--service_config_path", svc, "--compress_threads", n, cfg, outs[-1])
+    assert outs[0].read_bytes() == outs[1].read_bytes()
+    assert tool("overlaybd-dump", "--sha256", outs[0]).stdout.decode().strip() == L0_SHA
+    r = tool(
+        "overlaybd-merge", "--service_config_path", svc, "--compress_threads", "0", cfg, tmp_path / "x", check=False
+    )
+    assert r.returncode != 0 and b"thread count" in r.stderr
+
+
 def test_merge_errors(tool, vectors: Path, tmp_path: Path, svc: Path) -> None:
     result = tmp_path / "result"
     cfg = config(tmp_path, {"lowers": [{"file": str(tmp_path / "missing")}], "resultFile": str(result)})

@@ -84,6 +84,19 @@ def test_existing_output_needs_f(tool, vectors: Path, tmp_path: Path) -> None:
     assert out.read_bytes()[:5] == b"ZFile"
 
 
+def test_threads_option_does_not_change_bytes(tool, vectors: Path, tmp_path: Path) -> None:
+    src = vectors / "commit" / "L0.commit"
+    for n in ("1", "3"):
+        out = tmp_path / f"zstd.{n}"
+        tool("overlaybd-zfile", "--threads", n, "--algorithm", "zstd", src, out)
+        assert out.read_bytes() == (vectors / "zfile" / "L0.commit.zstd.zf").read_bytes()
+    tool("overlaybd-zfile", "--threads", "1", src, tmp_path / "lz4.1")
+    tool("overlaybd-zfile", "--threads", "4", src, tmp_path / "lz4.4")
+    assert (tmp_path / "lz4.1").read_bytes() == (tmp_path / "lz4.4").read_bytes()
+    r = tool("overlaybd-zfile", "--threads", "0", src, tmp_path / "x", check=False)
+    assert r.returncode != 0 and b"thread count" in r.stderr and not (tmp_path / "x").exists()
+
+
 def test_bad_options(tool, vectors: Path, tmp_path: Path) -> None:
     r = tool("overlaybd-zfile", "--bs", "3", vectors / "commit" / "L1.commit", tmp_path / "x", check=False)
     assert r.returncode != 0 and b"--bs" in r.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import random
 import struct
 import threading
@@ -129,7 +130,7 @@ def test_vector_metadata_and_block_check(vectors: Path, name: str) -> None:
 
 
 @pytest.mark.parametrize("name", sorted(ZSTD_VECTORS))
-@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("threads", [1, 2, 5])
 def test_zstd_writer_byte_identical(vectors: Path, tmp_path: Path, name: str, threads: int) -> None:
     out = compress_to_file(vectors / "commit/L0.commit", tmp_path / "out.zf", threads=threads, **ZSTD_VECTORS[name])
     assert out == (vectors / name).read_bytes()
@@ -220,6 +221,79 @@ def test_streaming_writes_equal_one_shot(vectors: Path, tmp_path: Path) -> None:
             pos += n
         assert b.bytes_in == len(src)
     assert (tmp_path / "many.zf").read_bytes() == one
+
+
+def _build(data: bytes, **options: object) -> bytes:
+    out = bytearray()
+
+    class Sink:
+        def write(self, b: bytes | memoryview) -> None:
+            out.extend(b)
+
+    with ZFileBuilder(Sink(), **options) as b:  # type: ignore[arg-type]
+        b.write(data)
+    return bytes(out)
+
+
+@pytest.mark.parametrize("algorithm", ["lz4", "zstd"])
+@pytest.mark.parametrize("block_size", [512, 4096, 65536])
+@pytest.mark.parametrize("verify", [True, False])
+def test_thread_count_and_accelerator_do_not_change_bytes(
+    vectors: Path, monkeypatch: pytest.MonkeyPatch, algorithm: str, block_size: int, verify: bool
+) -> None:
+    """1, 2 and 5 threads, with and without the C batch compressor, write the same file."""
+    from overlaybd.format.zfile import writer
+
+    # several batches, a text part, an incompressible part and a partial last block
+    data = (vectors / "commit/L0.commit").read_bytes()[: 3 << 20] + incompressible(700_000) + b"tail" * 99
+    want = _build(data, algorithm=algorithm, block_size=block_size, verify=verify, threads=1)
+    for threads in (2, 5):
+        assert _build(data, algorithm=algorithm, block_size=block_size, verify=verify, threads=threads) == want
+    monkeypatch.setattr(writer, "_accel", None)
+    for threads in (1, 3):
+        assert _build(data, algorithm=algorithm, block_size=block_size, verify=verify, threads=threads) == want
+
+
+def test_accelerator_crc_is_the_raw_crc() -> None:
+    from overlaybd.format.zfile import writer
+
+    if writer._accel is None:
+        pytest.skip("C batch compressor not built")
+    for n in (0, 1, 7, 8, 9, 4095, 4100):
+        data = incompressible(n, seed=n)
+        for seed in (0, BLOCK_CRC_SEED, 0xFFFFFFFF):
+            assert writer._accel.crc32c_raw(data, seed) == crc32c_raw(data, seed)
+
+
+def test_default_threads_follow_affinity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default is the CPUs this process may run on (taskset, cgroup cpusets), not the machine's."""
+    from overlaybd.format.zfile import writer
+
+    monkeypatch.setattr(writer.os, "sched_getaffinity", lambda pid: {0, 5, 7})
+    assert writer.default_threads() == 3
+    assert ZFileBuilder(io.BytesIO(), threads=None).threads == 3
+    with pytest.raises(ValueError, match="threads"):
+        ZFileBuilder(io.BytesIO(), threads=0)
+
+
+def test_write_batch_mixed_with_write() -> None:
+    """Owned batches, odd-sized writes and short batches give the same file as one write."""
+    data = incompressible(3 * 512 * 1024 + 5000, seed=4)
+    want = _build(data, algorithm="lz4", threads=2)
+    out = bytearray()
+
+    class Sink:
+        def write(self, b: bytes | memoryview) -> None:
+            out.extend(b)
+
+    with ZFileBuilder(Sink(), algorithm="lz4", threads=2) as b:
+        step = b.batch_bytes
+        b.write_batch(bytearray(data[:step]))
+        b.write_batch(bytearray(data[step : step + 8192]))  # whole blocks, short batch
+        b.write(data[step + 8192 : step + 9000])  # leaves a partial block pending
+        b.write_batch(bytearray(data[step + 9000 : 2 * step + 9000]))  # goes through write()
+        b.write_batch(bytearray(data[2 * step + 9000 :]))
+    assert bytes(out) == want
 
 
 def test_writer_memory_is_bounded() -> None:

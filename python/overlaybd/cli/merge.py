@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 
-from .toolrun import ToolError, load_service, parse_bool, parser, run
+from .toolrun import ToolError, load_service, parse_bool, parse_threads, parser, run
 
 TOOL = "overlaybd-merge"
 
@@ -34,6 +34,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-t", dest="tar", action="store_true", help="tar-wrap the output")
     p.add_argument("-f", dest="force", action="store_true", help="replace an existing output (ours)")
     p.add_argument("--service_config_path", help="overlaybd.json (default /etc/overlaybd/overlaybd.json if present)")
+    p.add_argument(
+        "--compress_threads",
+        "--threads",
+        dest="threads",
+        type=parse_threads,
+        default=None,
+        help="ZFile compression threads (default: usable CPUs, affinity)",
+    )
     p.add_argument("--upload", help="push the result to a registry (not supported)")
     p.add_argument("--verbose", action="store_true", help="ignored")
     p.add_argument("config", help="config.v1.json of the image")
@@ -71,7 +79,8 @@ def merge(args: argparse.Namespace) -> int:
         if recorder is not None and not recorder.start():
             recorder = None  # logged by start(); the merge itself goes on
         try:
-            merge_layers(layers, args.out, OutputOptions(zfile=args.compress, tar=args.tar, replace=args.force))
+            options = OutputOptions(zfile=args.compress, tar=args.tar, replace=args.force, threads=args.threads)
+            merge_layers(layers, args.out, options)
         finally:
             if recorder is not None:
                 recorder.stop()  # dumps the trace and `.ok`, even when the merge failed (as a device close)

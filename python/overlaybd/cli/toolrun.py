@@ -132,6 +132,17 @@ def parse_block_kib(text: str) -> int:
     return kb * 1024
 
 
+def parse_threads(text: str) -> int:
+    """A thread count (`--threads`, `--compress_threads`): a positive integer."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid thread count {text!r}: a positive integer") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"invalid thread count {n}: must be >= 1")
+    return n
+
+
 def load_service(path: str | None):
     """overlaybd.json for tools: an explicit path must load; the default path is optional here.
 

@@ -2,6 +2,7 @@
 
 Forms (upstream):
   overlaybd-zfile [--algorithm lz4|zstd] [--bs KB] [-t] [-f] SRC DST   compress SRC
+                  [--threads N]                                       (N compression threads; default usable CPUs)
   overlaybd-zfile [opts] DST                                            compress stdin
   overlaybd-zfile -x [-t] [-f] SRC DST                                  decompress (not from stdin)
   overlaybd-zfile --verify [SRC]                                        check every block CRC (stdin if no SRC)
@@ -15,7 +16,7 @@ import argparse
 import sys
 import tempfile
 
-from .toolrun import CHUNK, ToolError, parse_block_kib, parser, run
+from .toolrun import CHUNK, ToolError, parse_block_kib, parse_threads, parser, run
 
 TOOL = "overlaybd-zfile"
 
@@ -28,6 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-f", dest="force", action="store_true", help="replace an existing DST")
     p.add_argument("--algorithm", choices=("lz4", "zstd"), default="lz4", help="compression algorithm")
     p.add_argument("--bs", type=parse_block_kib, default=4096, help="block size in KiB: 4, 8, 16, 32 or 64")
+    p.add_argument(
+        "--threads", type=parse_threads, default=None, help="compression threads (default: usable CPUs, affinity)"
+    )
     p.add_argument("--verbose", action="store_true", help="ignored")
     p.add_argument("src", nargs="?", help="source file")
     p.add_argument("dst", nargs="?", help="target file")
@@ -91,7 +95,12 @@ def zfile_tool(args: argparse.Namespace) -> int:
             decompress_file(f, dst, replace=args.force)
         else:
             options = OutputOptions(
-                zfile=True, algorithm=args.algorithm, block_size=args.bs, tar=args.tar, replace=args.force
+                zfile=True,
+                algorithm=args.algorithm,
+                block_size=args.bs,
+                tar=args.tar,
+                replace=args.force,
+                threads=args.threads,
             )
             compress_file(f, dst, options)
     finally:

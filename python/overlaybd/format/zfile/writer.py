@@ -5,31 +5,54 @@ Layout written: header (0x13, index fields 0) | blocks (each + 4-byte CRC when
 `overwrite_header` the header is finally rewritten as 0x1B carrying the index
 fields (needs `out.pwrite`).
 
-Compression runs in a thread pool (lz4 and zstd release the GIL). Input is cut
-into batches of whole blocks (~256 KiB, so per-task overhead stays small next to
-the compression work); at most `2 * threads` batches are in flight, and results
-are written strictly in submission order, so memory stays bounded whatever the
-input size and the output is deterministic.
+Parallel design (docs/performance.md "ZFile building"): the input is cut into
+batches of whole blocks (`BATCH_BYTES`); each batch is one task for a thread
+pool, which compresses and CRCs its blocks and returns the stored bytes plus
+their lengths. The codecs release the GIL while they run, and zstd compresses a
+whole batch in one call (`multi_compress_to_buffer`), so the GIL is taken once per
+batch instead of once per block. At most `2 * threads` batches are in flight and
+results are written strictly in submission order, so memory stays bounded
+whatever the input size, and the output (blocks, jump table) is the same bytes
+for any thread count.
 """
 
 from __future__ import annotations
 
 import os
+import struct
 import sys
+import threading
 from array import array
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Protocol
+from types import ModuleType
+from typing import Protocol, cast
+
+import lz4.block  # type: ignore[import-untyped]
+import zstandard
+from crc32c import crc32c as _std_crc32c
 
 from ..crc32c import BLOCK_CRC_SEED, crc32c_raw
 from ..errors import Truncated
 from ..fileio import RandomAccessFile
 from . import header as hdr
-from .codec import compressor
+from .codec import ZSTD_LEVEL
 from .header import HT_SIZE, ZFileHeader
 from .reader import MAX_BLOCK_SIZE, MIN_BLOCK_SIZE
 
-BATCH_BYTES = 256 * 1024
+#: uncompressed bytes per pool task: large enough that per-task overhead (future, queue, GIL hand-offs)
+#: is small next to the compression, small enough that 2 x threads of them in flight stay a few MiB
+BATCH_BYTES = 512 * 1024
+
+_MASK = 0xFFFFFFFF
+#: raw CRC with seed s == standard CRC continuing from s ^ ~0, inverted (see format/crc32c.py)
+_STD_SEED = BLOCK_CRC_SEED ^ _MASK
+_PACK_CRC = struct.Struct("<I").pack
+_lz4_compress = lz4.block.compress
+
+#: (stored bytes of a batch, stored length of each of its blocks)
+Batch = tuple[bytes, "array[int]"]
 
 
 class Writable(Protocol):
@@ -37,18 +60,116 @@ class Writable(Protocol):
 
 
 def default_threads() -> int:
+    """Usable CPUs: the affinity mask (what taskset/cgroups allow), not os.cpu_count()."""
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):
         return max(1, os.cpu_count() or 1)
 
 
+# ---- batch compressors (run in pool threads; pure functions of their input) ------------------------------------
+def _load_accelerator() -> ModuleType | None:
+    """The C batch compressor (`_zbatch.c`), wired to python-lz4's own LZ4 functions; None if not built."""
+    if os.environ.get("OVERLAYBD_ZFILE_PURE_PYTHON"):
+        return None
+    try:
+        import ctypes
+
+        from . import _zbatch  # type: ignore[attr-defined]
+
+        lib = ctypes.CDLL(lz4.block._block.__file__)
+        names = ("LZ4_createStream", "LZ4_freeStream", "LZ4_resetStream", "LZ4_compress_fast_continue")
+        addrs = [ctypes.cast(getattr(lib, n), ctypes.c_void_p).value for n in (*names, "LZ4_compressBound")]
+        _zbatch.init(*addrs)
+    except (ImportError, OSError, AttributeError, ValueError):
+        return None
+    return cast(ModuleType, _zbatch)
+
+
+_accel = _load_accelerator()
+#: True when LZ4 batches compress in C without the GIL (see docs/performance.md)
+ACCELERATED = _accel is not None
+
+
+def _lz4_batch(chunk: bytes | bytearray, bs: int, verify: bool) -> Batch:
+    """LZ4: the whole batch in one GIL-free C call when the accelerator is built, else one python-lz4
+    call per block (no batch API there; each call releases and retakes the GIL, so threads contend)."""
+    if _accel is not None:
+        data, raw_lens = _accel.lz4_batch(chunk, bs, BLOCK_CRC_SEED if verify else None)
+        lens = array("I")
+        lens.frombytes(raw_lens)
+        if sys.byteorder != "little":
+            lens.byteswap()
+        return data, lens
+    mv = memoryview(chunk)
+    comp = _lz4_compress
+    blocks = [comp(mv[o : o + bs], "default", False) for o in range(0, len(mv), bs)]
+    return _with_crcs(blocks, verify)
+
+
+_tls = threading.local()
+_segment_tables: dict[tuple[int, int], bytes] = {}
+
+
+def _segments(n: int, bs: int) -> bytes:
+    """(offset, length) u64 pairs of the blocks of an n-byte batch, as multi_compress_to_buffer wants them."""
+    key = (n, bs)
+    table = _segment_tables.get(key)
+    if table is None:
+        pairs = [v for o in range(0, n, bs) for v in (o, min(bs, n - o))]
+        table = struct.pack(f"<{len(pairs)}Q", *pairs)
+        if n % BATCH_BYTES == 0:  # only full batches recur; the last one of each file is a one-off
+            _segment_tables[key] = table
+    return table
+
+
+def _zstd_batch(chunk: bytes | bytearray, bs: int, verify: bool) -> Batch:
+    """zstd: every block of the batch in one GIL-free call, each block its own frame (same bytes as
+    ZstdCompressor.compress per block, which upstream's vectors pin)."""
+    cctx = getattr(_tls, "zstd", None)
+    if cctx is None:
+        cctx = _tls.zstd = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+    multi = getattr(cctx, "multi_compress_to_buffer", None)
+    try:
+        if multi is None:
+            raise NotImplementedError
+        res = multi(zstandard.BufferWithSegments(chunk, _segments(len(chunk), bs)), threads=1)
+    except NotImplementedError:  # the cffi backend lacks it: block by block
+        mv = memoryview(chunk)
+        blocks: list[bytes] = [cctx.compress(mv[o : o + bs]) for o in range(0, len(mv), bs)]
+    else:
+        # BufferSegments are buffers over the one output allocation (no copy); the stubs lack __buffer__
+        blocks = cast("list[bytes]", [res[i] for i in range(len(res))])
+    return _with_crcs(blocks, verify)
+
+
+def _with_crcs(blocks: list[bytes], verify: bool) -> Batch:
+    """Join the compressed blocks of a batch, each followed by its raw CRC32C when `verify`."""
+    if not verify:
+        return b"".join(blocks), array("I", map(len, blocks))
+    crc, seed, pack = _std_crc32c, _STD_SEED, _PACK_CRC
+    parts: list[bytes] = []
+    add = parts.append
+    for b in blocks:
+        add(b)
+        add(pack(crc(b, seed) ^ _MASK))
+    return b"".join(parts), array("I", [len(b) + 4 for b in blocks])
+
+
+_BATCHERS: dict[int, Callable[[bytes | bytearray, int, bool], Batch]] = {
+    hdr.ALGO_LZ4: _lz4_batch,
+    hdr.ALGO_ZSTD: _zstd_batch,
+}
+
+
 class ZFileBuilder:
     """Compress a byte stream into a ZFile written sequentially to `out`.
 
     Call write() any number of times, then close() to write the jump table and trailer
-    (and rewrite the header when `overwrite_header`). Use as a context manager: on an
-    exception the pool is shut down and nothing more is written.
+    (and rewrite the header when `overwrite_header`). `threads` compression threads
+    (None: usable CPUs; 1: everything inline in the caller's thread); the output does not
+    depend on it. Use as a context manager: on an exception the pool is shut down and
+    nothing more is written.
     """
 
     def __init__(
@@ -67,6 +188,8 @@ class ZFileBuilder:
             raise ValueError(f"block_size must be a power of two in {MIN_BLOCK_SIZE}..{MAX_BLOCK_SIZE}")
         if overwrite_header and not hasattr(out, "pwrite"):
             raise ValueError("overwrite_header needs an output with pwrite(data, offset)")
+        if threads is not None and threads < 1:
+            raise ValueError(f"threads must be >= 1, not {threads}")
         self._out = out
         self._opts = ZFileHeader(
             flags=hdr.FLAGS_HEADER, block_size=block_size, algo=hdr.ALGORITHMS[algorithm], verify=int(verify)
@@ -74,11 +197,11 @@ class ZFileBuilder:
         self.block_size = block_size
         self.verify = verify
         self.overwrite_header = overwrite_header
-        self._compress = compressor(self._opts.algo)
-        self._batch = max(1, BATCH_BYTES // block_size) * block_size
-        self.threads = default_threads() if threads is None else max(1, threads)
+        self._batcher = _BATCHERS[self._opts.algo]
+        self.batch_bytes = max(1, BATCH_BYTES // block_size) * block_size
+        self.threads = default_threads() if threads is None else threads
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="zfile-compress") if self.threads > 1 else None
-        self._inflight: deque[Future[tuple[bytes, list[int]]]] = deque()
+        self._inflight: deque[Future[Batch]] = deque()
         self._window = 2 * self.threads
         self._pending = bytearray()
         self._lens = array("I")
@@ -96,47 +219,46 @@ class ZFileBuilder:
         if mv.format != "B" or mv.ndim != 1:
             mv = mv.cast("B")
         n = len(mv)
+        batch = self.batch_bytes
         self._raw_size += n
         pos = 0
         if self._pending:
-            take = min(n, self._batch - len(self._pending))
+            take = min(n, batch - len(self._pending))
             self._pending += mv[:take]
             pos = take
-            if len(self._pending) == self._batch:
+            if len(self._pending) == batch:
                 self._submit(bytes(self._pending))
                 self._pending.clear()
-        while n - pos >= self._batch:
-            self._submit(bytes(mv[pos : pos + self._batch]))
-            pos += self._batch
+        while n - pos >= batch:
+            self._submit(bytes(mv[pos : pos + batch]))
+            pos += batch
         if pos < n:
             self._pending += mv[pos:]
         return n
 
-    def _submit(self, chunk: bytes) -> None:
-        if self._pool is None:
-            self._emit(self._compress_batch(chunk))
+    def write_batch(self, chunk: bytearray) -> None:
+        """Append `chunk` without copying it: the builder takes ownership (the caller must not touch it
+        again). Only when nothing is pending and `chunk` is exactly `batch_bytes` long, or is the last
+        piece of input; `compress()` reads its source straight into such buffers."""
+        if self._closed:
+            raise ValueError("ZFileBuilder is closed")
+        if self._pending or (len(chunk) != self.batch_bytes and len(chunk) % self.block_size):
+            self.write(chunk)
             return
-        while len(self._inflight) >= self._window:
-            self._emit(self._inflight.popleft().result())
-        self._inflight.append(self._pool.submit(self._compress_batch, chunk))
+        self._raw_size += len(chunk)
+        if chunk:
+            self._submit(chunk)
 
-    def _compress_batch(self, chunk: bytes) -> tuple[bytes, list[int]]:
-        """Compress whole blocks of `chunk` (runs in a worker); returns stored bytes and per-block lengths."""
-        bs = self.block_size
-        mv = memoryview(chunk)
-        parts: list[bytes] = []
-        lens: list[int] = []
-        for off in range(0, len(mv), bs):
-            c = self._compress(mv[off : off + bs])
-            parts.append(c)
-            if self.verify:
-                parts.append(crc32c_raw(c, BLOCK_CRC_SEED).to_bytes(4, "little"))
-                lens.append(len(c) + 4)
-            else:
-                lens.append(len(c))
-        return b"".join(parts), lens
+    def _submit(self, chunk: bytes | bytearray) -> None:
+        if self._pool is None:
+            self._emit(self._batcher(chunk, self.block_size, self.verify))
+            return
+        inflight = self._inflight
+        while len(inflight) >= self._window:
+            self._emit(inflight.popleft().result())
+        inflight.append(self._pool.submit(self._batcher, chunk, self.block_size, self.verify))
 
-    def _emit(self, result: tuple[bytes, list[int]]) -> None:
+    def _emit(self, result: Batch) -> None:
         data, lens = result
         self._out.write(data)
         self._lens.extend(lens)
@@ -155,8 +277,9 @@ class ZFileBuilder:
                 self._emit(self._inflight.popleft().result())
         finally:
             self._shutdown()
-        table = array("I", self._lens)
+        table = self._lens
         if sys.byteorder != "little":
+            table = array("I", table)
             table.byteswap()
         table_bytes = table.tobytes()
         info = ZFileHeader(
@@ -203,16 +326,24 @@ class ZFileBuilder:
             self.abort()
 
 
-def compress(src: RandomAccessFile, out: Writable, chunk: int = 1 << 20, **options: object) -> None:
-    """Compress all of `src` into a ZFile on `out`; `options` as for ZFileBuilder."""
+def compress(src: RandomAccessFile, out: Writable, chunk: int | None = None, **options: object) -> None:
+    """Compress all of `src` into a ZFile on `out`; `options` as for ZFileBuilder (incl. `threads`).
+
+    Reads `src` in batch-sized pieces, each into a fresh buffer handed to the builder without a copy
+    (`chunk` is accepted for compatibility and ignored).
+    """
     builder = ZFileBuilder(out, **options)  # type: ignore[arg-type]
     with builder:
-        buf = memoryview(bytearray(chunk))
+        step = builder.batch_bytes
         size = src.size()
         pos = 0
         while pos < size:
-            n = src.pread_into(buf[: min(chunk, size - pos)], pos)
+            want = min(step, size - pos)
+            buf = bytearray(want)
+            n = src.pread_into(memoryview(buf), pos)
             if n == 0:
                 raise Truncated(src.name, "data", f"short read at offset {pos} of {size}")
-            builder.write(buf[:n])
+            if n != want:
+                del buf[n:]
+            builder.write_batch(buf)
             pos += n

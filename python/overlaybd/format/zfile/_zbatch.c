@@ -1,0 +1,215 @@
+/* Optional accelerator for the ZFile writer: LZ4-compress and CRC a whole batch of blocks in one call
+ * without the GIL.
+ *
+ * Why: python-lz4 has no batch API, so compressing 4 KiB blocks from Python takes and releases the GIL
+ * once per block; with several compression threads they contend for it on every block and two threads
+ * end up slower than one. Here a batch (~512 KiB, 128 blocks) costs one GIL release, so threads scale.
+ *
+ * The LZ4 code is python-lz4's own (its extension exports the LZ4 symbols; the Python side passes their
+ * addresses to init()), called exactly as `lz4.block.compress(mode="default", store_size=False)` calls
+ * it (reset stream, compress_fast_continue, acceleration 1), so the output is byte-identical to the
+ * pure-Python path. The CRC is overlaybd's raw CRC-32C (no pre/post inversion), SSE4.2 when the CPU
+ * has it. Without this module (no compiler at install time) the writer falls back to Python.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+typedef void *(*create_stream_fn)(void);
+typedef int (*free_stream_fn)(void *);
+typedef void (*reset_stream_fn)(void *);
+typedef int (*compress_continue_fn)(void *, const char *, char *, int, int, int);
+typedef int (*bound_fn)(int);
+
+static create_stream_fn lz4_create;
+static free_stream_fn lz4_free;
+static reset_stream_fn lz4_reset;
+static compress_continue_fn lz4_compress;
+static bound_fn lz4_bound;
+
+/* ---- raw CRC-32C (Castagnoli, reflected, poly 0x82F63B78) ------------------------------------------ */
+static uint32_t crc_table[256];
+static int have_sse42;
+
+static void crc_init(void)
+{
+    for (uint32_t i = 0; i < 256; i++) {
+        uint32_t c = i;
+        for (int k = 0; k < 8; k++)
+            c = (c >> 1) ^ (0x82F63B78u & (0u - (c & 1u)));
+        crc_table[i] = c;
+    }
+#if defined(__x86_64__) && defined(__GNUC__)
+    __builtin_cpu_init();
+    have_sse42 = __builtin_cpu_supports("sse4.2");
+#endif
+}
+
+static uint32_t crc_sw(uint32_t crc, const unsigned char *p, size_t n)
+{
+    while (n--)
+        crc = crc_table[(crc ^ *p++) & 0xFF] ^ (crc >> 8);
+    return crc;
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("sse4.2"))) static uint32_t crc_hw(uint32_t crc, const unsigned char *p, size_t n)
+{
+    uint64_t c = crc;
+    while (n >= 8) {
+        uint64_t v;
+        memcpy(&v, p, 8);
+        c = __builtin_ia32_crc32di(c, v);
+        p += 8;
+        n -= 8;
+    }
+    uint32_t c32 = (uint32_t)c;
+    while (n--)
+        c32 = __builtin_ia32_crc32qi(c32, *p++);
+    return c32;
+}
+#endif
+
+static uint32_t crc_raw(uint32_t seed, const unsigned char *p, size_t n)
+{
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (have_sse42)
+        return crc_hw(seed, p, n);
+#endif
+    return crc_sw(seed, p, n);
+}
+
+static void put_le32(unsigned char *p, uint32_t v)
+{
+    p[0] = (unsigned char)v;
+    p[1] = (unsigned char)(v >> 8);
+    p[2] = (unsigned char)(v >> 16);
+    p[3] = (unsigned char)(v >> 24);
+}
+
+/* ---- module functions ------------------------------------------------------------------------------- */
+static PyObject *zb_init(PyObject *self, PyObject *args)
+{
+    unsigned long long a, b, c, d, e;
+    if (!PyArg_ParseTuple(args, "KKKKK", &a, &b, &c, &d, &e))
+        return NULL;
+    if (!a || !b || !c || !d || !e) {
+        PyErr_SetString(PyExc_ValueError, "null LZ4 function address");
+        return NULL;
+    }
+    lz4_create = (create_stream_fn)(uintptr_t)a;
+    lz4_free = (free_stream_fn)(uintptr_t)b;
+    lz4_reset = (reset_stream_fn)(uintptr_t)c;
+    lz4_compress = (compress_continue_fn)(uintptr_t)d;
+    lz4_bound = (bound_fn)(uintptr_t)e;
+    Py_RETURN_NONE;
+}
+
+static PyObject *zb_crc32c_raw(PyObject *self, PyObject *args)
+{
+    Py_buffer data;
+    unsigned int seed = 0;
+    if (!PyArg_ParseTuple(args, "y*|I", &data, &seed))
+        return NULL;
+    uint32_t crc = crc_raw(seed, data.buf, (size_t)data.len);
+    PyBuffer_Release(&data);
+    return PyLong_FromUnsignedLong(crc);
+}
+
+/* lz4_batch(data, block_size, crc_seed_or_None) -> (stored bytes, u32 little-endian stored lengths) */
+static PyObject *zb_lz4_batch(PyObject *self, PyObject *args)
+{
+    Py_buffer src;
+    int bs;
+    PyObject *seed_obj;
+    if (!PyArg_ParseTuple(args, "y*iO", &src, &bs, &seed_obj))
+        return NULL;
+    if (lz4_compress == NULL) {
+        PyBuffer_Release(&src);
+        PyErr_SetString(PyExc_RuntimeError, "init() was not called");
+        return NULL;
+    }
+    int verify = seed_obj != Py_None;
+    uint32_t seed = 0;
+    if (verify) {
+        seed = (uint32_t)PyLong_AsUnsignedLongMask(seed_obj);
+        if (PyErr_Occurred()) {
+            PyBuffer_Release(&src);
+            return NULL;
+        }
+    }
+    if (bs <= 0 || bs > (1 << 20)) {
+        PyBuffer_Release(&src);
+        PyErr_SetString(PyExc_ValueError, "bad block size");
+        return NULL;
+    }
+    Py_ssize_t n = src.len;
+    Py_ssize_t blocks = (n + bs - 1) / bs;
+    Py_ssize_t per = (Py_ssize_t)lz4_bound(bs) + 4;
+    PyObject *out = PyBytes_FromStringAndSize(NULL, blocks * per);
+    PyObject *lens = PyBytes_FromStringAndSize(NULL, blocks * 4);
+    void *stream = lz4_create();
+    if (out == NULL || lens == NULL || stream == NULL) {
+        Py_XDECREF(out);
+        Py_XDECREF(lens);
+        if (stream)
+            lz4_free(stream);
+        PyBuffer_Release(&src);
+        return PyErr_NoMemory();
+    }
+    const char *in = src.buf;
+    unsigned char *dst = (unsigned char *)PyBytes_AS_STRING(out);
+    unsigned char *lp = (unsigned char *)PyBytes_AS_STRING(lens);
+    Py_ssize_t pos = 0;
+    int failed = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < blocks; i++) {
+        int len = (int)(n - (Py_ssize_t)i * bs < bs ? n - (Py_ssize_t)i * bs : bs);
+        lz4_reset(stream);
+        int c = lz4_compress(stream, in + (Py_ssize_t)i * bs, (char *)dst + pos, len, (int)(per - 4), 1);
+        if (c <= 0) {
+            failed = 1;
+            break;
+        }
+        if (verify) {
+            put_le32(dst + pos + c, crc_raw(seed, dst + pos, (size_t)c));
+            c += 4;
+        }
+        put_le32(lp + 4 * i, (uint32_t)c);
+        pos += c;
+    }
+    Py_END_ALLOW_THREADS
+    lz4_free(stream);
+    PyBuffer_Release(&src);
+    if (failed) {
+        Py_DECREF(out);
+        Py_DECREF(lens);
+        PyErr_SetString(PyExc_ValueError, "LZ4 compression failed");
+        return NULL;
+    }
+    if (_PyBytes_Resize(&out, pos) < 0) {
+        Py_DECREF(lens);
+        return NULL;
+    }
+    PyObject *res = PyTuple_Pack(2, out, lens);
+    Py_DECREF(out);
+    Py_DECREF(lens);
+    return res;
+}
+
+static PyMethodDef methods[] = {
+    {"init", zb_init, METH_VARARGS, "init(create, free, reset, compress_fast_continue, bound): LZ4 addresses"},
+    {"lz4_batch", zb_lz4_batch, METH_VARARGS,
+     "lz4_batch(data, block_size, crc_seed or None) -> (stored bytes, u32le lengths); no GIL while it runs"},
+    {"crc32c_raw", zb_crc32c_raw, METH_VARARGS, "crc32c_raw(data, seed=0): raw CRC-32C (for tests)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_zbatch", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit__zbatch(void)
+{
+    crc_init();
+    return PyModule_Create(&module);
+}
