@@ -142,7 +142,7 @@ def test_registry_outage_mid_download_resumes(tmp_path, registry, fault_proxy, b
     d.mkdir()
     monkeypatch.setattr(DOWNLOADER, "retry_delay", 0.5)
     f, svc = _open(tmp_path, fault_proxy, layers, d, enable=True, delay=0, delayExtra=1, maxMBps=1, tryCnt=5)
-    f.client.retry_budget = 1.0  # give up on the dead registry quickly (restored below: the client is shared)
+    f.client.deadline = 1.0  # give up on the dead registry quickly (restored below: the client is shared)
     errors_before = METRICS.errors.get("bk_download", 0)
     try:
         assert _wait(lambda: fault_proxy.bytes_relayed >= 2 * BLOCK)
@@ -153,7 +153,7 @@ def test_registry_outage_mid_download_resumes(tmp_path, registry, fault_proxy, b
         registry.start()
         assert _wait(lambda: f.switched)
     finally:
-        f.client.retry_budget = 30.0
+        f.client.deadline = 30.0
         f.close()
     assert fault_proxy.bytes_relayed - first < SIZE  # resumed, not restarted
     assert sorted(os.listdir(d)) == ["overlaybd.commit"]

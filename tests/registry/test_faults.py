@@ -58,7 +58,7 @@ def test_injected_500s_and_truncated_bodies(tmp_path, fault_proxy, l01):
 def test_gives_up_with_clear_error(tmp_path, fault_proxy, l01):
     svc = make_service(tmp_path)
     url = f"http://{fault_proxy.host}/v2/vec/l01/blobs"
-    client_for(svc).retry_budget = 0.5
+    client_for(svc).deadline = 0.5
     fault_proxy.fail_next = 10**6
     with pytest.raises(RegistryError) as ei:
         open_remote_blob(url, device(url, l01).lowers[0], svc)

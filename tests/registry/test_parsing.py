@@ -8,7 +8,7 @@ import json
 import pytest
 from overlaybd.registry.auth import AuthError, parse_challenge, parse_token_response, token_url
 from overlaybd.registry.credentials import CredentialError, CredentialProvider, candidate_keys, match_auths
-from overlaybd.registry.reference import ReferenceError, blob_url, parse_blob_url, parse_reference
+from overlaybd.registry.image_ref import ReferenceError, blob_url, parse_blob_url, parse_reference
 
 DIG = "sha256:" + "ab" * 32
 

@@ -107,5 +107,7 @@ def open_lower_source(
     try:
         return remote_opener(repo_blob_url, lower, service, **extra)
     except Exception as e:  # the registry client's own errors, auth failures, timeouts: all become the reason
-        url = blob_url(repo_blob_url, lower.digest)
+        from ..registry.image_ref import redact_url  # never echo credentials given in repoBlobUrl
+
+        url = redact_url(blob_url(repo_blob_url, lower.digest))
         raise LayerOpenError(config_path, field, f"failed to open remote file {url}: {e}") from e

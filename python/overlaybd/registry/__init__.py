@@ -6,8 +6,8 @@ RandomAccessFile), `RegistryClient` (manifests/blobs for the snapshotter) and
 """
 
 from .client import Manifest, RegistryClient, RegistryError, client_for
-from .reference import BlobLocation, ImageReference, ReferenceError, blob_url, parse_blob_url, parse_reference
-from .remote import RemoteBlobFile, open_remote_blob
+from .image_ref import BlobLocation, ImageReference, ReferenceError, blob_url, parse_blob_url, parse_reference
+from .remote_blob import RemoteBlobFile, open_remote_blob
 
 __all__ = [
     "BlobLocation",

@@ -2,7 +2,8 @@
 
 `YYYY/MM/DD HH:MM:SS.uuuuuu|AUDIT|th=<hex>|<event>[pathname=..][offset=..][size=..][latency=..]`
 Rotated at 10 MiB keeping 3 old files, like upstream. Tools that parse upstream's
-audit log keep working.
+audit log keep working. The file is world-readable (0644), so URL credentials are
+redacted from every field, whoever the caller is.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import threading
 import time
 from datetime import datetime
 from typing import Any
+
+from .image_ref import redact_url
 
 ROTATE_BYTES = 10 << 20
 ROTATE_KEEP = 3
@@ -29,7 +32,7 @@ class AuditLog:
             return
         now = time.time()
         stamp = datetime.fromtimestamp(now).strftime("%Y/%m/%d %H:%M:%S") + f".{int(now * 1e6) % 1000000:06d}"
-        tail = "".join(f"[{k}={v}]" for k, v in fields.items())
+        tail = "".join(f"[{k}={redact_url(v) if isinstance(v, str) else v}]" for k, v in fields.items())
         line = f"{stamp}|AUDIT|th={threading.get_ident():x}|{event}{tail}\n".encode()
         with self._lock:
             try:

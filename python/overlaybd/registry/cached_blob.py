@@ -140,7 +140,11 @@ class CachedBlob:
         else:
             self._ra, self._frontier, self._streak = self.refill, 0, 0
         if not hit:
-            self._fill(buf, offset)
+            try:
+                self._fill(buf, offset)
+            except OSError as e:  # the one ERROR line per failed read (the client retried quietly until its deadline)
+                log.error("%s: read of %d bytes at offset %d failed: %s", self.name, n, offset, e)
+                raise
         return n
 
     def _sequential(self, end: int, n: int) -> None:

@@ -5,6 +5,13 @@ of the process: it owns the HTTP transport (kept-alive connections), the token
 cache and where each blob's redirect currently points. Every failure that is
 given up on raises `RegistryError`, which names registry, repository, digest and
 the last HTTP status, so a log line alone says what was being fetched from where.
+
+Every operation (a block read, a blob-size probe at open, a manifest) runs against
+one overall deadline (`readDeadlineSec` in overlaybd.json, 30 s by default): each
+request gets only the time left, so a dead or dripping registry costs at most the
+deadline, never a multiple of it. Range answers are checked strictly against what
+was asked and against the blob size the image config gives, because a wrong answer
+accepted here becomes wrong bytes in the cache and in the container.
 """
 
 from __future__ import annotations
@@ -17,15 +24,16 @@ import random
 import socket
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 from .auth import AuthError, Challenge, TokenCache, basic_header, parse_challenge, parse_token_response, token_url
-from .credentials import CredentialError, CredentialProvider
+from .credentials import Credential, CredentialError, CredentialProvider
+from .image_ref import BlobLocation, ImageReference, parse_reference, redact_url
 from .metrics import METRICS
-from .reference import BlobLocation, ImageReference, parse_blob_url, parse_reference
-from .transport import HttpTransport, Response, TransportError
+from .transport import ALLOWED_SCHEMES, HttpTransport, Response, TransportError
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +47,26 @@ INDEX_TYPES = (MEDIA_OCI_INDEX, MEDIA_DOCKER_LIST)
 REDIRECT_LIFE = 300.0  # seconds a resolved blob-storage URL is reused (upstream kMinimalAUrlLife)
 MAX_REDIRECTS = 5
 MAX_BLOB_IN_MEMORY = 64 << 20  # get_blob() is for configs and small files
+DEFAULT_DEADLINE = 30.0  # seconds per block read / open probe / manifest, retries included (readDeadlineSec)
+# Largest layer blob accepted, from lowers[].size or a server's Content-Range total. Far above what registries
+# store (Docker Hub and GHCR cap layers at 10 GB, ECR at ~52 GB), and small enough that the cache's per-page
+# bookkeeping stays bounded; a server claiming more is refused before anything is sized by it.
+MAX_BLOB_SIZE = 1 << 40
+
+
+def parse_content_range(value: str) -> tuple[int, int, int | None] | None:
+    """`bytes START-END/TOTAL` -> (start, end, total or None for `*`); None if malformed."""
+    unit, _, rest = value.strip().partition(" ")
+    rng, _, total = rest.strip().partition("/")
+    a, _, b = rng.partition("-")
+    if unit.lower() != "bytes" or not (a.isdigit() and b.isdigit()) or not (total.isdigit() or total == "*"):
+        return None
+    if len(a) > 20 or len(b) > 20 or len(total) > 20:  # beyond u64: never a real blob (and no huge ints)
+        return None
+    start, end = int(a), int(b)
+    if end < start:
+        return None
+    return start, end, int(total) if total != "*" else None
 
 
 class RegistryError(OSError):
@@ -98,10 +126,14 @@ class RegistryClient:
         self,
         service: Any = None,
         *,
-        retry_budget: float = 30.0,
+        deadline: float | None = None,
         transport: HttpTransport | None = None,
         p2p_address: str | None = None,
+        plain_http_hosts: Iterable[str] = (),
     ) -> None:
+        """`deadline`: seconds per operation, retries included (None: the service's `readDeadlineSec`).
+        `plain_http_hosts`: hosts configured as plain-http registries besides those reached by http:// URLs
+        (a token realm over http receives credentials only on such a host)."""
         if service is None:
             from ..config.service import default_service_config
 
@@ -113,7 +145,11 @@ class RegistryClient:
         )
         self.credentials = CredentialProvider.from_service(service, self.transport)
         self.tokens = TokenCache()
-        self.retry_budget = retry_budget
+        if deadline is None:
+            deadline = float(getattr(service, "read_deadline_sec", DEFAULT_DEADLINE) or DEFAULT_DEADLINE)
+        self.deadline = deadline
+        self.plain_http_hosts: set[str] = {_hostname(h) for h in plain_http_hosts}
+        self._url_creds: dict[str, Credential] = {}  # registry host -> user:password from a repoBlobUrl
         self._auth: dict[tuple[str, str], Challenge] = {}
         self._redirects: dict[str, _Redirect] = {}
         self._lock = threading.Lock()
@@ -130,14 +166,30 @@ class RegistryClient:
 
     # ------------------------------------------------------------------ auth
 
-    def _auth_header(self, registry: str, repository: str, url: str, refresh: bool) -> str | None:
+    def add_url_credential(self, loc: BlobLocation) -> None:
+        """Remember `user:password@` of a repoBlobUrl as the registry's credential (used when no
+        credentialConfig entry matches); the URL itself is only ever logged redacted."""
+        if loc.userinfo is not None:
+            self._url_creds[loc.registry] = Credential(*loc.userinfo)
+
+    def _credential(self, url: str) -> Credential | None:
+        return self.credentials.lookup(url) or self._url_creds.get(urlsplit(url).netloc)
+
+    def _note_plain_http(self, url: str) -> None:
+        """A registry addressed by an http:// URL (repoBlobUrl, rpull --plain-http) is configured as plain http."""
+        parts = urlsplit(url)
+        if parts.scheme == "http" and parts.hostname and parts.hostname not in self.plain_http_hosts:
+            with self._lock:
+                self.plain_http_hosts.add(parts.hostname)
+
+    def _auth_header(self, registry: str, repository: str, url: str, refresh: bool, until: float) -> str | None:
         """Authorization header for this repository, fetching a token if needed (credentials re-read)."""
         ch = self._auth.get((registry, repository))
         if ch is None:
             return None
         try:
             if ch.scheme == "basic":
-                cred = self.credentials.lookup(url)
+                cred = self._credential(url)
                 return basic_header(cred) if cred else None
             if ch.scheme != "bearer":
                 raise AuthError(f"unsupported WWW-Authenticate scheme {ch.scheme!r}")
@@ -146,20 +198,29 @@ class RegistryClient:
                 self.tokens.drop(turl)
             tok = self.tokens.get(turl)
             if tok is None:
-                tok = self._fetch_token(registry, repository, turl, url)
+                tok = self._fetch_token(registry, repository, turl, url, until)
             return "Authorization: Bearer " + tok
         except CredentialError as e:
             raise RegistryError(registry, repository, "", 0, f"credentials: {e}", errno.EPERM) from None
         except AuthError as e:
             raise RegistryError(registry, repository, "", 0, f"auth: {e}", errno.EPERM) from None
 
-    def _fetch_token(self, registry: str, repository: str, turl: str, url: str) -> str:
-        cred = self.credentials.lookup(url)
+    def _fetch_token(self, registry: str, repository: str, turl: str, url: str, until: float) -> str:
+        cred = self._credential(url)
+        realm = urlsplit(turl)
+        if realm.scheme not in ALLOWED_SCHEMES:
+            raise AuthError(f"token realm {redact_url(turl)} is not http(s)")
+        if cred and realm.scheme != "https" and realm.hostname not in self.plain_http_hosts:
+            # Basic credentials in clear text may only go where plain http was configured on purpose.
+            raise AuthError(
+                f"refusing to send the credentials of {registry} to token realm {redact_url(turl)} over plain "
+                f"http: {realm.hostname} is not configured as a plain-http registry (use an https realm)"
+            )
         headers = [basic_header(cred)] if cred else []
         try:
-            resp = self.transport.request("GET", turl, headers, timeout=30.0)
+            resp = self.transport.request("GET", turl, headers, timeout=_left(until, 30.0))
         except TransportError as e:
-            raise RegistryError(registry, repository, "", 0, f"token endpoint {turl}: {e}") from None
+            raise RegistryError(registry, repository, "", 0, f"token endpoint {redact_url(turl)}: {e}") from None
         if resp.status != 200:
             who = f"user {cred.username!r}" if cred else "anonymous"
             raise RegistryError(
@@ -167,7 +228,7 @@ class RegistryClient:
                 repository,
                 "",
                 resp.status,
-                f"token endpoint refused ({who}): {turl}",
+                f"token endpoint refused ({who}): {redact_url(turl)}",
                 _errno_for(resp.status),
             )
         tok, life = parse_token_response(resp.body)
@@ -181,23 +242,29 @@ class RegistryClient:
         method: str,
         url: str,
         headers: list[str],
+        until: float,
         *,
         sink: memoryview | None = None,
         limit: int = 8 << 20,
         digest: str = "",
+        accept_200: bool = True,
     ) -> Response:
-        """One logical request to the registry: auth challenge handled, redirects followed without auth."""
-        auth = self._auth_header(loc_registry, repository, url, refresh=False)
+        """One logical request to the registry: auth challenge handled, redirects followed without auth
+        (and only to http/https), every request bounded by what is left of the deadline."""
+        self._note_plain_http(url)
+        auth = self._auth_header(loc_registry, repository, url, False, until)
         rounds = 0  # 401 without auth -> authenticate; 401 with a (stale) token -> refresh once more
         while True:
             hs = headers + ([auth] if auth else [])
-            resp = self.transport.request(method, url, hs, sink=sink, limit=limit)
+            resp = self.transport.request(
+                method, url, hs, sink=sink, limit=limit, timeout=_left(until), accept_200=accept_200
+            )
             if resp.status == 401 and rounds < 2:
                 ch = parse_challenge(resp.header("www-authenticate"))
                 if ch is None:
                     return resp
                 self._auth[(loc_registry, repository)] = ch
-                auth = self._auth_header(loc_registry, repository, url, refresh=True)
+                auth = self._auth_header(loc_registry, repository, url, True, until)
                 rounds += 1
                 if auth is None:
                     return resp
@@ -208,10 +275,26 @@ class RegistryClient:
             target = urljoin(url, resp.header("location"))
             if not target:
                 break
+            scheme = urlsplit(target).scheme.lower()
+            if scheme not in ALLOWED_SCHEMES:
+                METRICS.error("permanent")
+                raise RegistryError(
+                    loc_registry,
+                    repository,
+                    digest,
+                    resp.status,
+                    f"redirect to {redact_url(target)!r} refused: only http and https are followed",
+                )
             hops += 1
             same = urlsplit(target).netloc == urlsplit(url).netloc
             resp = self.transport.request(
-                method, target, headers + ([auth] if auth and same else []), sink=sink, limit=limit
+                method,
+                target,
+                headers + ([auth] if auth and same else []),
+                sink=sink,
+                limit=limit,
+                timeout=_left(until),
+                accept_200=accept_200,
             )
             resp.url = target
         return resp
@@ -240,7 +323,9 @@ class RegistryClient:
             r.registry,
             r.repository,
             reference,
-            lambda: self._send(r.registry, r.repository, "GET", url, ["Accept: " + ", ".join(MANIFEST_ACCEPT)]),
+            lambda until: self._send(
+                r.registry, r.repository, "GET", url, ["Accept: " + ", ".join(MANIFEST_ACCEPT)], until
+            ),
         )
         body = resp.body
         digest = "sha256:" + hashlib.sha256(body).hexdigest()
@@ -281,47 +366,73 @@ class RegistryClient:
             loc.registry,
             loc.repository,
             digest,
-            lambda: self._send(loc.registry, loc.repository, "GET", loc.url, [], limit=limit),
+            lambda until: self._send(loc.registry, loc.repository, "GET", loc.url, [], until, limit=limit),
         )
         got = "sha256:" + hashlib.sha256(resp.body).hexdigest()
         if digest.startswith("sha256:") and got != digest:
             raise RegistryError(loc.registry, loc.repository, digest, resp.status, f"content hashes to {got}")
         return resp.body
 
-    def locate(self, repo_blob_url: str, digest: str) -> BlobLocation:
-        return parse_blob_url(repo_blob_url, digest)
+    def blob_size(self, loc: BlobLocation, expected: int = 0) -> int:
+        """The blob's size, from the `Content-Range` total of a one-byte range request.
 
-    def blob_size(self, loc: BlobLocation) -> int:
-        """Total size from `Content-Range` of a one-byte range request (else Content-Length)."""
+        `expected` (lowers[].size, from the manifest) is the size when known: a total that disagrees is an
+        error naming both. Either way a size beyond MAX_BLOB_SIZE is refused before anything is sized by it.
+        This request also goes through the auth challenge and learns any redirect, within the deadline.
+        """
+        self.add_url_credential(loc)
+        if expected > MAX_BLOB_SIZE:
+            raise RegistryError(
+                loc.registry,
+                loc.repository,
+                loc.digest,
+                0,
+                f"blob size {expected} (lowers[].size) exceeds the limit of {MAX_BLOB_SIZE} bytes",
+                errno.EFBIG,
+            )
         one = memoryview(bytearray(1))
-        resp = self._retrying(
+        resp = self._range_read(loc, 0, one, expected or None)
+        if expected:
+            return expected
+        cr = parse_content_range(resp.header("content-range"))
+        if cr is not None and cr[2] is not None:
+            return cr[2]
+        cl = resp.header("content-length")
+        if resp.status == 200 and cl.isdigit() and int(cl) == 1:
+            return 1
+        raise RegistryError(
             loc.registry,
             loc.repository,
             loc.digest,
-            lambda: self._check(loc, self._range_once(loc, 0, one), 1, allow_short=True),
+            resp.status,
+            f"no blob size in Content-Range {resp.header('content-range')!r} (and no lowers[].size)",
         )
-        cr = resp.header("content-range")
-        if "/" in cr and cr.rsplit("/", 1)[1].strip().isdigit():
-            return int(cr.rsplit("/", 1)[1])
-        cl = resp.header("content-length")
-        if resp.status == 200 and cl.isdigit():
-            return int(cl)
-        raise RegistryError(loc.registry, loc.repository, loc.digest, resp.status, "no blob size in Content-Range")
 
-    def read_range(self, loc: BlobLocation, offset: int, view: memoryview) -> int:
-        """Fill `view` with blob bytes at `offset` (exactly len(view) unless the blob ends), retrying."""
-        want = len(view)
-        if want == 0:
+    def read_range(self, loc: BlobLocation, offset: int, view: memoryview, size: int | None = None) -> int:
+        """Fill `view` with blob bytes at `offset`, retrying within the deadline; returns len(view).
+
+        `size` is the blob's size (from lowers[].size or the open probe): every answer is checked
+        against it. Raises RegistryError (nothing is returned, so nothing reaches the cache) for any
+        answer that is not exactly the asked range."""
+        if size is not None and offset + len(view) > size:
+            view = view[: max(0, size - offset)]
+        if len(view) == 0:
             return 0
         t0 = time.monotonic()
-        resp = self._retrying(
+        resp = self._range_read(loc, offset, view, size)
+        METRICS.fetched(resp.nbytes, time.monotonic() - t0)
+        return resp.nbytes
+
+    def _range_read(self, loc: BlobLocation, offset: int, view: memoryview, size: int | None) -> Response:
+        want = len(view)
+        whole = size is not None and offset == 0 and want == size
+        return self._retrying(
             loc.registry,
             loc.repository,
             loc.digest,
-            lambda: self._check(loc, self._range_once(loc, offset, view), want),
+            lambda until: self._check_range(loc, self._range_once(loc, offset, view, until, whole), offset, want, size),
+            what=f"range bytes={offset}-{offset + want - 1}",
         )
-        METRICS.fetched(resp.nbytes, time.monotonic() - t0)
-        return resp.nbytes
 
     def _data_url(self, loc: BlobLocation) -> tuple[str, bool]:
         """(URL for data, is_redirect_target). Redirect targets are used without auth for REDIRECT_LIFE."""
@@ -331,6 +442,10 @@ class RegistryClient:
             return rd.url, True
         return loc.url, False
 
+    def _forget_redirect(self, loc: BlobLocation) -> None:
+        with self._lock:
+            self._redirects.pop(loc.url, None)
+
     def _p2p_reachable(self) -> bool:
         """Upstream uses the P2P proxy only if a TCP connect to it succeeds (checked once)."""
         parts = urlsplit(self.p2p_address)
@@ -338,71 +453,113 @@ class RegistryClient:
             with socket.create_connection((parts.hostname or "localhost", parts.port or 80), timeout=1.0):
                 return True
         except OSError:
-            log.warning("p2p proxy %s unreachable; fetching directly", self.p2p_address)
+            log.warning("p2p proxy %s unreachable; fetching directly", redact_url(self.p2p_address))
             return False
 
     def _p2p(self, url: str) -> str:
         return f"{self.p2p_prefix}/{url}" if self.p2p_prefix else url
 
-    def _range_once(self, loc: BlobLocation, offset: int, view: memoryview) -> Response:
+    def _range_once(self, loc: BlobLocation, offset: int, view: memoryview, until: float, whole: bool) -> Response:
         rng = f"Range: bytes={offset}-{offset + len(view) - 1}"
         url, redirected = self._data_url(loc)
         if redirected or self.p2p_prefix:
             hs = [rng]
             if not redirected:  # the P2P proxy fetches from the registry itself: pass our credentials on
-                auth = self._auth_header(loc.registry, loc.repository, loc.url, refresh=False)
+                auth = self._auth_header(loc.registry, loc.repository, loc.url, False, until)
                 hs += [auth] if auth else []
-            resp = self.transport.request("GET", self._p2p(url), hs, sink=view)
+            try:
+                resp = self.transport.request(
+                    "GET", self._p2p(url), hs, sink=view, timeout=_left(until), accept_200=whole
+                )
+            except TransportError:
+                self._forget_redirect(loc)  # the next attempt resolves again through the registry
+                raise
             if resp.status in (200, 206):
+                resp.url = url
                 return resp
-            with self._lock:  # stale pre-signed URL / proxy refused: resolve again through the registry
-                self._redirects.pop(loc.url, None)
-        resp = self._send(loc.registry, loc.repository, "GET", loc.url, [rng], sink=view, digest=loc.digest)
-        if resp.url != loc.url and resp.status in (200, 206):
+            self._forget_redirect(loc)  # stale pre-signed URL / proxy refused: resolve again through the registry
+        resp = self._send(
+            loc.registry, loc.repository, "GET", loc.url, [rng], until, sink=view, digest=loc.digest, accept_200=whole
+        )
+        if resp.url != loc.url and resp.status in (200, 206) and not (resp.refused or resp.overflow):
             with self._lock:
                 self._redirects[loc.url] = _Redirect(resp.url, time.monotonic() + REDIRECT_LIFE)
         return resp
 
-    def _check(self, loc: BlobLocation, resp: Response, want: int, allow_short: bool = False) -> Response:
-        if resp.status in (200, 206):
-            if resp.nbytes < want and not allow_short:
-                cr = resp.header("content-range")
-                total = cr.rsplit("/", 1)[1] if "/" in cr else ""
-                if not (total.isdigit() and resp.status == 206):
-                    raise _Retryable(resp.status, f"short body: {resp.nbytes} of {want} bytes")
-                # A range that runs past the end of the blob is legitimately short.
-                start = int(cr.split()[-1].split("-")[0]) if cr.split() else 0
-                if start + resp.nbytes < int(total):
-                    raise _Retryable(resp.status, f"short body: {resp.nbytes} of {want} bytes")
+    def _check_range(self, loc: BlobLocation, resp: Response, offset: int, want: int, size: int | None) -> Response:
+        """Accept exactly the asked range: 206 with a matching Content-Range, or 200 only for the whole blob."""
+        end = offset + want - 1
+        asked = f"range bytes={offset}-{end}"
+        where = f" from {redact_url(resp.url)}" if resp.url != loc.url else ""
+
+        def wrong(what: str) -> RegistryError:
+            self._forget_redirect(loc)
+            METRICS.error("bad_range")
+            return RegistryError(loc.registry, loc.repository, loc.digest, resp.status, f"{asked}{where}: {what}")
+
+        if resp.status == 206:
+            raw = resp.header("content-range")
+            cr = parse_content_range(raw)
+            if cr is None:
+                raise wrong(f"206 with a malformed Content-Range {raw[:80]!r}")
+            start, last, total = cr
+            if (start, last) != (offset, end):
+                raise wrong(f"answered with Content-Range {raw!r}")
+            if size is not None and total != size:
+                raise wrong(f"Content-Range total {raw.partition('/')[2]} != blob size {size} (lowers[].size)")
+            if total is not None and total > MAX_BLOB_SIZE:
+                raise wrong(f"Content-Range total {total} exceeds the limit of {MAX_BLOB_SIZE} bytes")
+            if total is None and size is None:
+                raise wrong(f"Content-Range {raw!r} gives no blob size")
+            if resp.overflow:
+                raise wrong(f"body longer than the {want} bytes of Content-Range {raw!r}")
+            if resp.nbytes < want:
+                raise _Retryable(resp.status, f"short body: {resp.nbytes} of {want} bytes")
+            return resp
+        if resp.status == 200:
+            cl = resp.header("content-length")
+            if size is None or offset != 0 or want != size or resp.refused:
+                raise wrong(f"200 (whole body, Content-Length {cl or '?'}) to a range request: Range was ignored")
+            if cl and cl != str(size):
+                raise wrong(f"200 with Content-Length {cl[:24]} != blob size {size} (lowers[].size)")
+            if resp.overflow:
+                raise wrong(f"200 with a body longer than the blob size {size}")
+            if resp.nbytes < want:
+                raise _Retryable(resp.status, f"short body: {resp.nbytes} of {want} bytes")
             return resp
         if resp.status >= 500 or resp.status == 429:
-            with self._lock:
-                self._redirects.pop(loc.url, None)
+            self._forget_redirect(loc)
             raise _Retryable(resp.status, "server error", _retry_after(resp))
         msg = {401: "authentication failed", 403: "access denied", 404: "blob not found"}.get(resp.status, "failed")
-        raise RegistryError(loc.registry, loc.repository, loc.digest, resp.status, msg, _errno_for(resp.status))
+        raise RegistryError(
+            loc.registry, loc.repository, loc.digest, resp.status, f"{asked}: {msg}", _errno_for(resp.status)
+        )
 
-    def _retrying(self, registry: str, repository: str, digest: str, op: Any) -> Response:
-        """Run op() until it succeeds, a permanent error occurs, or the retry budget is spent."""
-        deadline = time.monotonic() + self.retry_budget
+    def _retrying(
+        self, registry: str, repository: str, digest: str, op: Callable[[float], Response], what: str = ""
+    ) -> Response:
+        """Run op(until) until it succeeds, a permanent error occurs, or the deadline passes.
+
+        Retried: 5xx, 429, connection refused/reset/timeouts, stalls and short bodies. Failing at once:
+        other 4xx, TLS trust and handshake errors, protocol errors, a wrong range answer."""
+        start = time.monotonic()
+        until = start + self.deadline
         delay = 0.05
         attempt = 0
+        prefix = f"{what}: " if what else ""
         while True:
             attempt += 1
             floor = 0.0  # server-requested minimum pause (Retry-After)
             try:
-                resp = op()
-                if (
-                    isinstance(resp, Response)
-                    and resp.status >= 400
-                    and resp.status not in (429,)
-                    and resp.status < 500
-                ):
+                resp = op(until)
+                if 400 <= resp.status < 500 and resp.status != 429:
                     msg = {401: "authentication failed", 403: "access denied", 404: "not found"}.get(
                         resp.status, "failed"
                     )
-                    raise RegistryError(registry, repository, digest, resp.status, msg, _errno_for(resp.status))
-                if isinstance(resp, Response) and (resp.status >= 500 or resp.status == 429):
+                    raise RegistryError(
+                        registry, repository, digest, resp.status, prefix + msg, _errno_for(resp.status)
+                    )
+                if resp.status >= 500 or resp.status == 429:
                     raise _Retryable(resp.status, "server error", _retry_after(resp))
                 return resp
             except _Retryable as e:
@@ -410,29 +567,32 @@ class RegistryClient:
                 floor = min(e.retry_after, 10.0)  # honour Retry-After, within reason
                 METRICS.error("http_5xx" if status >= 500 else "http_429" if status == 429 else "short_body")
             except TransportError as e:
-                status, why = 0, str(e)
+                status, why = 0, redact_url(str(e))
                 METRICS.error("connection")
-                if e.permanent:  # TLS trust / client certificate problems: retrying cannot help
-                    raise RegistryError(registry, repository, digest, 0, why) from None
+                if e.permanent:  # TLS trust/handshake, client certificate, protocol: retrying cannot help
+                    METRICS.error("permanent")
+                    raise RegistryError(registry, repository, digest, 0, prefix + why) from None
             except RegistryError:
                 METRICS.error("permanent")
                 raise
             now = time.monotonic()
             pause = max(floor, delay * (0.5 + random.random() / 2))
-            if now + pause > deadline:
+            if now + pause > until:
                 METRICS.error("gave_up")
                 raise RegistryError(
                     registry,
                     repository,
                     digest,
                     status,
-                    f"gave up after {attempt} attempts in {self.retry_budget:.0f}s: {why}",
+                    f"{prefix}gave up after {attempt} attempts in {now - start:.1f}s "
+                    f"(deadline {self.deadline:g}s): {why}",
                 )
             log.info(
-                "registry %s/%s@%s: attempt %d failed (%s); retrying in %.2fs",
+                "registry %s/%s@%s: %sattempt %d failed (%s); retrying in %.2fs",
                 registry,
                 repository,
                 digest,
+                prefix,
                 attempt,
                 why,
                 pause,
@@ -450,6 +610,19 @@ class _Retryable(Exception):
         self.why = why
         self.retry_after = retry_after
         super().__init__(why)
+
+
+def _hostname(host: str) -> str:
+    """`host[:port]` or a URL -> the bare host name (plain-http configuration is per host)."""
+    return urlsplit(host if "://" in host else f"//{host}").hostname or host
+
+
+def _left(until: float, cap: float = 0.0) -> float:
+    """Seconds left before `until` (at most `cap` if given); a passed deadline is a timeout."""
+    left = until - time.monotonic()
+    if left <= 0.001:
+        raise TransportError("", "deadline passed", 28)
+    return min(left, cap) if cap else left
 
 
 def _retry_after(resp: Response) -> float:

@@ -7,7 +7,13 @@ itself so that an Authorization header is not sent to blob storage.
 
 A body either lands in a caller-owned memoryview (range reads: no intermediate
 buffer beyond libcurl's chunks) or in a bounded bytearray (manifests, tokens):
-nothing allocates a size the server merely claims.
+nothing allocates a size the server merely claims. A `200` is written into a
+memoryview only when the caller says a whole-body answer is acceptable; otherwise the
+transfer is aborted at its first byte, so a server that ignores `Range` cannot pour
+a blob's beginning into a buffer meant for its middle.
+
+Only http and https are spoken, also for anything a redirect or proxy could name:
+libcurl knows file://, gopher:// and dozens more, none of which a registry needs.
 """
 
 from __future__ import annotations
@@ -22,19 +28,37 @@ import pycurl
 from .memcopy import NOGIL_MIN, copy_into
 
 CA_BUNDLES = ("/etc/ssl/certs/ca-bundle.crt", "/etc/ssl/certs/ca-certificates.crt")
-# libcurl errors that retrying cannot fix: bad/unknown CA, our client cert/key unusable, TLS version/cipher mismatch.
-PERMANENT_CURL_ERRORS = frozenset({58, 59, 60, 77, 80, 83, 90, 91})
+# libcurl errors that retrying cannot fix: unsupported protocol (also HTTP/0.9 answers), malformed URL,
+# bad/unknown CA, our client cert/key unusable, TLS version/cipher mismatch.
+PERMANENT_CURL_ERRORS = frozenset({1, 3, 58, 59, 60, 77, 80, 83, 90, 91})
+# CURLE_SSL_CONNECT_ERROR (35) covers both a broken handshake that will break again (TLS spoken to a plain
+# HTTP port: "wrong version number") and a connection lost mid-handshake; only the latter is worth a retry.
+SSL_CONNECT_ERROR = 35
+_TRANSIENT_TLS = ("reset", "syscall", "timed out", "timeout", "unexpected eof", "connection")
 MAX_SMALL_BODY = 8 << 20  # manifests, indexes, tokens, credential answers
+ALLOWED_SCHEMES = ("http", "https")
+_PROTOCOLS = pycurl.PROTO_HTTP | pycurl.PROTO_HTTPS
+LOW_SPEED_LIMIT = 1024  # bytes/s: a body slower than this for `stall_timeout` is a stall (a drip, not a download)
+
+
+def is_permanent(curl_code: int, message: str) -> bool:
+    """True for transport errors that a retry cannot fix (so the read fails at once)."""
+    if curl_code in PERMANENT_CURL_ERRORS:
+        return True
+    if curl_code == SSL_CONNECT_ERROR:
+        low = message.lower()
+        return not any(t in low for t in _TRANSIENT_TLS)
+    return False
 
 
 class TransportError(Exception):
     """The request did not complete at the HTTP level (connect refused, reset, timeout, short body)."""
 
-    def __init__(self, url: str, message: str, curl_code: int = 0) -> None:
+    def __init__(self, url: str, message: str, curl_code: int = 0, permanent: bool | None = None) -> None:
         self.url = url
         self.curl_code = curl_code
-        self.permanent = curl_code in PERMANENT_CURL_ERRORS
-        super().__init__(f"{url}: {message}")
+        self.permanent = is_permanent(curl_code, message) if permanent is None else permanent
+        super().__init__(f"{url}: {message}" if url else message)
 
 
 @dataclass
@@ -47,6 +71,8 @@ class Response:
     headers: dict[str, str] = field(default_factory=dict)
     body: bytes = b""
     nbytes: int = 0
+    refused: bool = False  # a 200 to a range request: aborted at its first byte, nothing written
+    overflow: bool = False  # more body than the memoryview holds: aborted, the view holds garbage
 
     def header(self, name: str, default: str = "") -> str:
         return self.headers.get(name.lower(), default)
@@ -63,9 +89,9 @@ def system_ca_bundle() -> str | None:
 class _Sink:
     """libcurl write callback target: a memoryview (exact size) or a bounded bytearray."""
 
-    __slots__ = ("view", "vlen", "pos", "buf", "limit", "overflow", "status")
+    __slots__ = ("view", "vlen", "pos", "buf", "limit", "overflow", "status", "accept_200", "refused")
 
-    def __init__(self, view: memoryview | None, limit: int) -> None:
+    def __init__(self, view: memoryview | None, limit: int, accept_200: bool) -> None:
         self.view = view
         self.vlen = len(view) if view is not None else 0
         self.pos = 0
@@ -73,11 +99,16 @@ class _Sink:
         self.limit = limit
         self.overflow = False
         self.status = 0
+        self.accept_200 = accept_200
+        self.refused = False
 
     def write(self, chunk: bytes) -> int | None:
         view = self.view
         if view is not None:
             st = self.status
+            if st == 200 and not self.accept_200:
+                self.refused = True
+                return 0  # abort: a whole-body answer to a range request is never data at our offset
             if st == 206 or st == 200:  # the hot path: body bytes straight into the caller's buffer
                 pos = self.pos
                 end = pos + len(chunk)
@@ -114,7 +145,8 @@ class HttpTransport:
         key_file: str = "",
         ca_file: str | None = None,
         connect_timeout: float = 5.0,
-        stall_timeout: float = 15.0,
+        stall_timeout: float = 10.0,
+        low_speed_limit: int = LOW_SPEED_LIMIT,
     ) -> None:
         self.user_agent = user_agent
         self.cert_file = cert_file
@@ -122,6 +154,7 @@ class HttpTransport:
         self.ca_file = ca_file if ca_file is not None else (os.environ.get("OVERLAYBD_CA_FILE") or system_ca_bundle())
         self.connect_timeout = connect_timeout
         self.stall_timeout = stall_timeout
+        self.low_speed_limit = low_speed_limit
         self.proxy = ""  # HTTP proxy for every request (p2pConfig in proxy mode, e.g. a Dragonfly dfdaemon)
         self.last_http_version = 0
         self._local = threading.local()
@@ -150,11 +183,18 @@ class HttpTransport:
         proxy: str = "",
         unix_socket: str = "",
         cert: tuple[str, str, str] | None = None,
+        accept_200: bool = True,
     ) -> Response:
-        """Run one request. Raises TransportError on connection-level failures only."""
+        """Run one request. Raises TransportError on connection-level failures only.
+
+        `timeout` (seconds, 0 = none) bounds the whole request; `accept_200=False` makes a sink
+        refuse a 200 body (see the module doc)."""
+        scheme = url.partition("://")[0].lower()
+        if scheme not in ALLOWED_SCHEMES:
+            raise TransportError(url, f"protocol {scheme!r} refused: only http and https are used", permanent=True)
         c = self._handle()
         c.reset()
-        out = _Sink(sink, limit)
+        out = _Sink(sink, limit, accept_200)
         resp = Response(status=0, url=url)
         hdrs = resp.headers
 
@@ -175,13 +215,18 @@ class HttpTransport:
         c.setopt(pycurl.HTTPHEADER, list(headers))
         c.setopt(pycurl.USERAGENT, self.user_agent)
         c.setopt(pycurl.FOLLOWLOCATION, 0)
+        c.setopt(pycurl.PROTOCOLS, _PROTOCOLS)  # libcurl's own guard, should a URL slip past the check above
+        c.setopt(pycurl.REDIR_PROTOCOLS, _PROTOCOLS)
         c.setopt(pycurl.NOSIGNAL, 1)
-        c.setopt(pycurl.CONNECTTIMEOUT_MS, int(self.connect_timeout * 1000))
-        # A stalled transfer (<1 byte/s for stall_timeout) fails; a slow big one does not.
-        c.setopt(pycurl.LOW_SPEED_LIMIT, 1)
-        c.setopt(pycurl.LOW_SPEED_TIME, max(1, int(self.stall_timeout)))
+        connect = self.connect_timeout if not timeout else min(self.connect_timeout, timeout)
+        c.setopt(pycurl.CONNECTTIMEOUT_MS, max(1, int(connect * 1000)))
+        # A stalled or dripping transfer (under low_speed_limit B/s for the stall time) fails; a slow big one
+        # does not. The stall time fits inside the request's timeout so a drip is caught before it.
+        stall = self.stall_timeout if not timeout else min(self.stall_timeout, timeout / 3)
+        c.setopt(pycurl.LOW_SPEED_LIMIT, self.low_speed_limit)
+        c.setopt(pycurl.LOW_SPEED_TIME, max(1, int(stall)))
         if timeout:
-            c.setopt(pycurl.TIMEOUT_MS, int(timeout * 1000))
+            c.setopt(pycurl.TIMEOUT_MS, max(1, int(timeout * 1000)))
         c.setopt(pycurl.HTTP_VERSION, pycurl.CURL_HTTP_VERSION_2TLS)
         c.setopt(pycurl.TCP_KEEPALIVE, 1)
         c.setopt(pycurl.BUFFERSIZE, 512 * 1024)
@@ -208,10 +253,12 @@ class HttpTransport:
         except pycurl.error as e:
             code = e.args[0] if e.args else 0
             status = c.getinfo(pycurl.RESPONSE_CODE)
-            if code == pycurl.E_WRITE_ERROR and out.overflow and sink is not None and status == 200:
-                # Server ignored Range and sent the whole object: we have what we asked for.
+            if code == pycurl.E_WRITE_ERROR and sink is not None and (out.refused or out.overflow):
+                # Aborted by us: the caller decides (with status and headers) what the server did wrong.
                 resp.status = status
                 resp.nbytes = out.pos
+                resp.refused = out.refused
+                resp.overflow = out.overflow
                 return resp
             if out.overflow:
                 cap = len(sink) if sink is not None else limit

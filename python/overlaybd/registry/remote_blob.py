@@ -5,6 +5,10 @@ registry through the block cache until background download has placed the whole,
 digest-verified blob at `<dir>/overlaybd.commit`, then serves them from that local
 file. The bytes are identical (the blob is the tar-wrapped ZFile either way), so
 the tar -> zfile -> LSMT readers stacked above never notice the switch.
+
+The blob's size is the one the image config gives (`lowers[].size`, from the
+manifest); the registry's answers are checked against it, never the other way
+round. Names handed to logs and the audit log are redacted (no URL userinfo).
 """
 
 from __future__ import annotations
@@ -18,9 +22,9 @@ from ..format.fileio import LocalFile
 from .audit import audit_for
 from .cache import PAGE, cache_for
 from .cached_blob import CachedBlob
-from .client import RegistryClient, client_for
+from .client import MAX_BLOB_SIZE, RegistryClient, client_for
+from .image_ref import BlobLocation, blob_url, parse_blob_url, redact_url
 from .metrics import METRICS, maybe_start_exporter
-from .reference import BlobLocation, blob_url, parse_blob_url
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +43,13 @@ class DirectBlob:
 
     def pread_into(self, buf: memoryview, offset: int) -> int:
         n = max(0, min(len(buf), self._size - offset))
-        return self.client.read_range(self.loc, offset, buf[:n]) if n else 0
+        if not n:
+            return 0
+        try:
+            return self.client.read_range(self.loc, offset, buf[:n], self._size)
+        except OSError as e:
+            log.error("%s: read of %d bytes at offset %d failed: %s", self.name, n, offset, e)
+            raise
 
     def pread(self, size: int, offset: int) -> bytes:
         buf = bytearray(max(0, min(size, self._size - offset)))
@@ -90,7 +100,7 @@ class RemoteBlobFile:
         if isinstance(self.remote, CachedBlob) and offset % PAGE == 0 and self.remote.store is not None:
             if self.remote.store.read_verified(offset, view):
                 return n
-        return self.client.read_range(self.loc, offset, view)
+        return self.client.read_range(self.loc, offset, view, self._size)
 
     def switch_to(self, path: str) -> None:
         """Serve from a complete local copy from now on."""
@@ -150,15 +160,16 @@ def open_remote_blob(repo_blob_url: str, lower: Any, service: Any = None, downlo
     maybe_start_exporter(service)
     client = client_for(service)
     loc = parse_blob_url(repo_blob_url, lower.digest)
-    url = blob_url(repo_blob_url, lower.digest)
+    client.add_url_credential(loc)
+    url = redact_url(blob_url(repo_blob_url, lower.digest))  # the name in logs, errors and the audit log
     audit = audit_for(service)
     cache = cache_for(service, audit)
-    if lower.size and cache is not None and cache.cached_size(loc.digest) == lower.size:
-        size = lower.size  # cached before (e.g. before a restart): no registry round trip needed to open
+    expected = lower.size or 0
+    if 0 < expected <= MAX_BLOB_SIZE and cache is not None and cache.cached_size(loc.digest) == expected:
+        size = expected  # cached before (e.g. before a restart): no registry round trip needed to open
     else:
-        size = client.blob_size(loc)
-        if lower.size and lower.size != size:
-            log.warning("%s: config says size %d, registry says %d; using the registry's", url, lower.size, size)
+        # Checks reachability and auth within the deadline; with lowers[].size a disagreeing total is an error.
+        size = client.blob_size(loc, expected)
     remote: Any = None
     if cache is not None and not client.p2p_address:
         try:
@@ -167,7 +178,7 @@ def open_remote_blob(repo_blob_url: str, lower: Any, service: Any = None, downlo
             log.warning("%s: cannot use the cache in %s (%s); reading uncached", url, cache.dir, e)
             METRICS.error("cache_open")
         else:
-            remote = CachedBlob(url, store, lambda off, v: client.read_range(loc, off, v), audit)
+            remote = CachedBlob(url, store, lambda off, v: client.read_range(loc, off, v, size), audit)
     if remote is None:
         remote = DirectBlob(url, client, loc, size)
     f = RemoteBlobFile(url, client, loc, size, remote, lower.dir)

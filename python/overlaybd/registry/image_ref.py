@@ -8,8 +8,8 @@ one place.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from urllib.parse import urlsplit
+from dataclasses import dataclass, field
+from urllib.parse import unquote, urlsplit
 
 DOCKER_HUB = "docker.io"
 DOCKER_HUB_API = "registry-1.docker.io"
@@ -90,12 +90,16 @@ def parse_reference(text: str) -> ImageReference:
 
 @dataclass(frozen=True)
 class BlobLocation:
-    """Where one blob lives: scheme, registry host[:port], repository, digest."""
+    """Where one blob lives: scheme, registry host[:port], repository, digest.
+
+    `userinfo` holds `user:password` given in the URL (never part of `url`, `label` or repr, so it
+    cannot reach a log line, an error message or the audit log)."""
 
     scheme: str
     registry: str
     repository: str
     digest: str
+    userinfo: tuple[str, str] | None = field(default=None, repr=False, compare=False)
 
     @property
     def url(self) -> str:
@@ -105,6 +109,17 @@ class BlobLocation:
     def label(self) -> str:
         """Human-readable name for errors: registry/repository@digest."""
         return f"{self.registry}/{self.repository}@{self.digest}"
+
+
+def redact_url(url: str) -> str:
+    """`url` with its userinfo replaced by `***` (`http://***@host/...`): safe for logs, errors, audit."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    authority, slash, path = rest.partition("/")
+    if "@" not in authority:
+        return url
+    return f"{scheme}://***@{authority.rpartition('@')[2]}{slash}{path}"
 
 
 def blob_url(repo_blob_url: str, digest: str) -> str:
@@ -117,10 +132,14 @@ def parse_blob_url(repo_blob_url: str, digest: str) -> BlobLocation:
     url = blob_url(repo_blob_url, digest)
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ReferenceError(repo_blob_url, "repoBlobUrl", "must be http(s)://HOST/v2/<repository>/blobs")
+        raise ReferenceError(redact_url(repo_blob_url), "repoBlobUrl", "must be http(s)://HOST/v2/<repository>/blobs")
     m = re.match(r"^/v2/(.+)/blobs/([^/]+)$", parts.path)
     if not m:
-        raise ReferenceError(repo_blob_url, "repoBlobUrl", "path must be /v2/<repository>/blobs")
+        raise ReferenceError(redact_url(repo_blob_url), "repoBlobUrl", "path must be /v2/<repository>/blobs")
     if not _DIGEST.match(m.group(2)):
         raise ReferenceError(digest, "digest", f"{m.group(2)!r} is not <algorithm>:<hex>")
-    return BlobLocation(parts.scheme, parts.netloc, m.group(1), m.group(2))
+    host = parts.netloc.rpartition("@")[2]
+    userinfo = None
+    if "@" in parts.netloc:
+        userinfo = (unquote(parts.username or ""), unquote(parts.password or ""))
+    return BlobLocation(parts.scheme, host, m.group(1), m.group(2), userinfo)
