@@ -3,6 +3,7 @@ standing in for the registry so these run in the fast tier), the cache files are
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import threading
@@ -29,15 +30,21 @@ class Source:
         return n
 
 
-def _blob(cache: BlockCache, name: str, data: bytes) -> tuple[CachedBlob, Source]:
+def digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _blob(cache: BlockCache, name: str | None, data: bytes) -> tuple[CachedBlob, Source]:
+    """name None: the data's real digest (a blob read in full is checked against it)."""
     src = Source(data)
+    name = name or digest(data)
     return CachedBlob(name, cache.open_blob(name, len(data)), src.fetch), src
 
 
 def test_refill_alignment_and_readahead(tmp_path):
     data = os.urandom(3 << 20)
     cache = BlockCache(str(tmp_path), 1 << 30, 65536)
-    f, src = _blob(cache, "sha256:" + "a" * 64, data)
+    f, src = _blob(cache, None, data)
     assert f.pread(10, 70000) == data[70000:70010]
     assert src.calls == [(65536, 65536)]
     # sequential reads grow the fetch window (readahead) and stay correct
@@ -61,15 +68,15 @@ def test_lru_eviction_keeps_recent(tmp_path):
     audit = tmp_path / "audit.log"
     cache = BlockCache(str(tmp_path / "c"), 600 * 1024, 65536, AuditLog(str(audit)))  # water 540 KiB
     blobs = []
-    for i in range(3):
-        data = os.urandom(256 * 1024)
-        f, _ = _blob(cache, f"sha256:{i:064x}", data)
+    datas = [os.urandom(256 * 1024) for _ in range(3)]
+    for i, data in enumerate(datas):
+        f, _ = _blob(cache, None, data)
         assert f.pread(len(data), 0) == data
         f.flush()
-        os.utime(cache.data_path(f"sha256:{i:064x}") + ".meta", (1000 + i, 1000 + i))  # age order 0 < 1 < 2
+        os.utime(cache.data_path(digest(data)) + ".meta", (1000 + i, 1000 + i))  # age order 0 < 1 < 2
         blobs.append((f, data))
     names = {e.digest for e in cache.entries() if e.present_bytes}
-    assert f"sha256:{0:064x}" not in names and f"sha256:{2:064x}" in names
+    assert digest(datas[0]) not in names and digest(datas[2]) in names
     assert cache.used <= 600 * 1024
     # the evicted blob still reads correctly (refetched)
     f0, d0 = blobs[0]
@@ -82,7 +89,7 @@ def test_lru_eviction_keeps_recent(tmp_path):
 
 def test_concurrent_readers_and_second_cache_instance(tmp_path):
     data = os.urandom(2 << 20)
-    name = "sha256:" + "c" * 64
+    name = digest(data)
     c1 = BlockCache(str(tmp_path), 1 << 30, 16384)
     c2 = BlockCache(str(tmp_path), 1 << 30, 16384)  # as another process on the same directory
     f1, _ = _blob(c1, name, data)
@@ -109,7 +116,7 @@ def test_concurrent_readers_and_second_cache_instance(tmp_path):
 
 def test_corrupt_page_dropped_and_refetched(tmp_path):
     data = os.urandom(256 * 1024)
-    name = "sha256:" + "d" * 64
+    name = digest(data)
     cache = BlockCache(str(tmp_path), 1 << 30, 65536)
     f, src = _blob(cache, name, data)
     assert f.pread(len(data), 0) == data
@@ -128,7 +135,7 @@ def test_eviction_by_another_instance_while_open(tmp_path):
     """Another process (here: a second BlockCache on the same dir) evicts a blob we hold open and verified:
     the generation bump makes us re-check, so the emptied file is never served as data."""
     data = os.urandom(512 * 1024)
-    name = "sha256:" + "e" * 64
+    name = digest(data)
     mine = BlockCache(str(tmp_path), 1 << 30, 65536)
     other = BlockCache(str(tmp_path), 1 << 30, 65536)
     f, src = _blob(mine, name, data)
@@ -146,14 +153,15 @@ def test_eviction_by_another_instance_while_open(tmp_path):
 
 def test_cli_ls_prune_clear(tmp_path, capsys):
     cache = BlockCache(str(tmp_path / "c"), 1 << 30, 65536)
-    for i in range(2):
-        f, _ = _blob(cache, f"sha256:{i:064x}", os.urandom(200_000))
+    datas = [os.urandom(200_000) for _ in range(2)]
+    for data in datas:
+        f, _ = _blob(cache, None, data)
         f.pread(200_000, 0)
         f.close()
     args = ["--cache-dir", str(tmp_path / "c")]
     assert cache_main(args + ["ls"]) == 0
     out = capsys.readouterr().out
-    assert f"sha256:{0:064x}" in out and "total 2 blobs" in out
+    assert digest(datas[0]) in out and "total 2 blobs" in out
     assert cache_main(args + ["prune", "--max-size", "250KiB"]) == 0
     assert len(cache.entries()) == 1
     assert cache_main(args + ["clear"]) == 0
@@ -161,3 +169,100 @@ def test_cli_ls_prune_clear(tmp_path, capsys):
     assert cache_main(args + ["ls", "--json"]) == 0
     assert capsys.readouterr().out.strip() == "[]"
     assert cache_main(args + ["prune", "--max-size", "lots"]) == 1
+
+
+def test_readahead_fills_whole_pages(tmp_path):
+    """Reads of odd sizes grow readahead by raw byte counts; every fetch must still start on a refill block
+    and end on a page (or at the blob's end), or page records would describe the wrong bytes."""
+    data = os.urandom((5 << 20) + 1234)
+    cache = BlockCache(str(tmp_path), 1 << 30, 8192)
+    f, src = _blob(cache, None, data)
+    off = 0
+    while off < len(data):
+        n = 10007 if off % 3 else 5003
+        assert f.pread(n, off) == data[off : off + n]
+        off += n
+    f.close()
+    assert src.calls and all(o % 8192 == 0 and ((o + n) % PAGE == 0 or o + n == len(data)) for o, n in src.calls)
+    (e,) = cache.entries()
+    assert e.complete and e.present_bytes == len(data)
+
+
+def test_store_records_whole_pages_only(tmp_path):
+    data = os.urandom(5 * PAGE + 100)
+    cache = BlockCache(str(tmp_path), 1 << 30, PAGE)
+    st = cache.open_blob(digest(data), len(data))
+    st.store(100, memoryview(data)[100 : 3 * PAGE + 50])  # neither end on a page: only pages 1, 2 are whole
+    marks = st.records(0, st.npages)[1::2]
+    assert [m != 0 for m in marks] == [False, True, True, False, False, False]
+    st.store(4 * PAGE, memoryview(data)[4 * PAGE :])  # the short tail page is the blob's end: recorded
+    assert [m != 0 for m in st.records(0, st.npages)[1::2]] == [False, True, True, False, True, True]
+    assert st.present == 4 and not st.complete
+    cache.release(st)
+
+
+def test_records_not_matching_the_data_file_are_dropped_at_open(tmp_path):
+    from overlaybd.registry.metrics import METRICS
+
+    data = os.urandom(64 * PAGE)
+    name = digest(data)
+    cache = BlockCache(str(tmp_path), 1 << 30, 65536)
+    f, _ = _blob(cache, name, data)
+    assert f.pread(32 * PAGE, 0) == data[: 32 * PAGE]
+    f.close()
+    os.truncate(cache.data_path(name), 20 * PAGE + 5)  # pages 20.. are gone; their records stay
+    with open(cache.data_path(name) + ".meta", "r+b") as m:  # and one record with a garbage mark
+        m.seek(128 + 3 * 8 + 4)
+        m.write(b"JUNK")
+    before = METRICS.cache_corrupt_blocks
+    f, src = _blob(cache, name, data)
+    assert METRICS.cache_corrupt_blocks - before == 13  # pages 20..31 and page 3
+    assert f.store.present == 19
+    assert f.pread(len(data), 0) == data
+    f.close()
+
+
+def test_digest_mismatch_fails_the_full_read(tmp_path, caplog):
+    """The source serves one wrong byte in a page no checksum can catch (uncompressed): reading the whole blob
+    must not end in success, the blob is emptied, and the mismatch is counted."""
+    from overlaybd.registry.metrics import METRICS
+
+    good = os.urandom(300_000)
+    bad = bytearray(good)
+    bad[123_456] ^= 1
+    cache = BlockCache(str(tmp_path), 1 << 30, 65536)
+    src = Source(bytes(bad))
+    f = CachedBlob("blob", cache.open_blob(digest(good), len(good)), src.fetch)
+    before = METRICS.errors.get("digest_mismatch", 0)
+    with pytest.raises(OSError, match="hashes to sha256:" + hashlib.sha256(bad).hexdigest()) as ei:
+        off = 0
+        while off < len(good):
+            f.pread(65536, off)
+            off += 65536
+    assert ei.value.errno == 5
+    assert METRICS.errors.get("digest_mismatch", 0) == before + 1
+    with pytest.raises(OSError):
+        f.pread(10, 0)  # and nothing of it is served any more by this open
+    f.close()
+    (e,) = cache.entries()
+    assert e.present_bytes == 0 and not e.complete
+    assert "as served by the registry hashes to" in caplog.text
+
+
+def test_cache_touches_only_its_own_files(tmp_path, capsys):
+    d = tmp_path / "c"
+    cache = BlockCache(str(d), 1 << 30, 65536)
+    data = os.urandom(100_000)
+    f, _ = _blob(cache, None, data)
+    f.pread(len(data), 0)
+    f.close()
+    foreign = ["notes.txt", "sha256:abc.tmp", ".keep", "sha256:" + "0" * 64 + ".meta.bak", "lost+found"]
+    for n in foreign[:-1]:
+        (d / n).write_text("not the cache's")
+    (d / "lost+found").mkdir()
+    (d / ("sha256:" + "1" * 64 + ".meta")).write_bytes(b"")  # an orphan meta file is the cache's own
+    assert {e.digest for e in cache.entries()} == {digest(data), "sha256:" + "1" * 64}
+    assert cache_main(["--cache-dir", str(d), "clear"]) == 0
+    out = capsys.readouterr().out
+    assert f"left 5 files the cache did not create: {' '.join(sorted(foreign))}" in out
+    assert sorted(os.listdir(d)) == sorted(foreign)

@@ -3,6 +3,8 @@
 Upstream has no such tool; without it the only way to reclaim cache space is
 deleting files under a running daemon. Removal here truncates before unlinking,
 so space is freed even while a daemon still holds a blob open (it refetches).
+Only the files the cache creates (`<digest>`, `<digest>.meta`) are touched: a cache
+directory shared with anything else must not lose that other data.
 """
 
 from __future__ import annotations
@@ -64,8 +66,10 @@ def _run(args) -> int:
     if args.cmd == "prune":
         target = parse_size(args.max_size) if args.max_size else None
         freed = cache.evict(target, reason="prune")
-        print(f"freed {freed} bytes")
-        return 0
-    freed = cache.clear()
+    else:
+        freed = cache.clear()
     print(f"freed {freed} bytes")
+    other = cache.foreign()
+    if other:
+        print(f"left {len(other)} files the cache did not create: {' '.join(other)}")
     return 0

@@ -3,6 +3,15 @@
 Layout under `cacheDir` (blob offsets are file offsets, as upstream's file cache):
   `<digest>`       sparse data file, same offsets as the blob
   `<digest>.meta`  128-byte header + one 8-byte record per 4 KiB page: crc32c, present-mark
+Only files named like that are the cache's: listing, eviction and `overlaybd-cache clear` leave
+anything else in the directory alone.
+
+Whole pages only: a fill is stored page by page from a page-aligned offset; the blob's last page
+is the only short one and is recorded only when the fill reaches the blob's end. A page's record
+is written after its data, so a crash leaves at most data without a record.
+
+Once every page is present the blob's sha256 is checked against its digest before the header is
+marked complete; a mismatch empties the blob and fails its reads (see `BlobStore.verify_complete`).
 
 Why a checksum per page: the data write and the record write are two steps, a
 crash or an out-of-band truncation/bit-rot can leave a record pointing at wrong
@@ -25,11 +34,14 @@ readahead) is in cached_blob.py.
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
 import mmap
 import os
+import re
 import struct
 import threading
+import time
 from array import array
 from dataclasses import dataclass
 from typing import Any
@@ -46,9 +58,21 @@ MAGIC = b"OBDCACH1"
 HEADER = struct.Struct("<8sIIQ96s")  # magic, page size, generation, blob size, digest
 GEN_OFFSET = 12  # u32 bumped by whoever evicts the blob; readers holding it open notice and re-verify
 HEADER_SIZE = 128
+COMPLETE_OFFSET = 120  # u32 after the packed header: COMPLETE once the whole blob matched its digest
+COMPLETE = 0x454E4F44  # "DONE"
 MARK = 0x4F424431  # "OBD1": the page is present
 TOUCH_INTERVAL = 10.0
+FULL_BACKOFF = 5.0  # after ENOSPC, read through without cache writes for this long
+FULL_WARN_INTERVAL = 600.0  # one "cache disk full" warning per this many seconds
 GiB = 1 << 30
+HELD = 1 << 32  # a "generation" no u32 takes: diverts the inline fast path while a digest verdict is due
+# An OCI digest (algorithm ":" encoded): the only data-file names the cache creates (plus ".meta").
+DIGEST_NAME = re.compile(r"[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[a-zA-Z0-9=_-]+")
+
+
+def is_cache_file(name: str) -> bool:
+    """True for the names the cache creates (`<digest>`, `<digest>.meta`); all else is foreign."""
+    return DIGEST_NAME.fullmatch(name[:-5] if name.endswith(".meta") else name) is not None
 
 
 def water_marks(capacity: int) -> tuple[int, int]:
@@ -65,6 +89,7 @@ class CacheEntry:
     disk_bytes: int
     present_bytes: int
     last_used: float
+    complete: bool = False  # every page present and the blob matched its digest
 
 
 class BlockCache:
@@ -80,6 +105,9 @@ class BlockCache:
         self._open: dict[str, BlobStore] = {}
         self._lock = threading.Lock()
         self._evict_lock = threading.Lock()
+        self.full_until = 0.0  # monotonic time until which fills skip cache writes (disk full)
+        self._full_warned = -FULL_WARN_INTERVAL
+        self._foreign_warned = False
         os.makedirs(cache_dir, exist_ok=True)
         self.used = sum(e.disk_bytes for e in self.entries())
 
@@ -100,14 +128,25 @@ class BlockCache:
         return HEADER.unpack(hdr[: HEADER.size])[3]
 
     def open_blob(self, digest: str, blob_size: int) -> BlobStore:
-        if "/" in digest or digest.startswith("."):
+        if DIGEST_NAME.fullmatch(digest) is None:
             raise ValueError(f"digest {digest!r} cannot name a cache file")
         with self._lock:
             st = self._open.get(digest)
             if st is None or st.closed:
                 st = self._open[digest] = BlobStore(self, digest, blob_size)
             st.refs += 1
-            return st
+        if st.present >= st.npages and not st.complete and not st.failed:
+            st.verify_complete(at_open=True)  # all pages cached by an earlier run that ended before the check
+        return st
+
+    def disk_full(self, digest: str, err: OSError) -> None:
+        """ENOSPC/EDQUOT on a cache write: read through for a while, warn once (not per page)."""
+        now = time.monotonic()
+        self.full_until = now + FULL_BACKOFF
+        METRICS.error("cache_full")
+        if now - self._full_warned >= FULL_WARN_INTERVAL:
+            self._full_warned = now
+            log.warning("cache %s is full (%s, writing %s); reading through to the registry", self.dir, err, digest)
 
     def release(self, store: BlobStore) -> None:
         with self._lock:
@@ -125,21 +164,29 @@ class BlockCache:
 
     # ------------------------------------------------------------- listing
 
+    def foreign(self) -> list[str]:
+        """Names in the directory the cache did not create (left alone by listing, eviction and clear)."""
+        try:
+            return sorted(n for n in os.listdir(self.dir) if not is_cache_file(n))
+        except FileNotFoundError:
+            return []
+
     def entries(self) -> list[CacheEntry]:
+        """The cached blobs: digest-named data files and/or their `.meta` (an orphan of either counts)."""
         out = []
         try:
             names = os.listdir(self.dir)
         except FileNotFoundError:
             return out
-        for name in names:
-            if name.endswith(".meta") or name.startswith("."):
-                continue
+        digests = {n[:-5] if n.endswith(".meta") else n for n in names if is_cache_file(n)}
+        for name in sorted(digests):
             dp = os.path.join(self.dir, name)
             try:
                 st = os.stat(dp)
+                data_bytes, mtime = st.st_blocks * 512, st.st_mtime
             except FileNotFoundError:
-                continue
-            blob_size, present, mtime, meta_bytes = 0, 0, st.st_mtime, 0
+                data_bytes, mtime = 0, 0.0
+            blob_size, present, meta_bytes, complete = 0, 0, 0, False
             try:
                 with open(dp + ".meta", "rb") as f:
                     mst = os.fstat(f.fileno())
@@ -147,12 +194,14 @@ class BlockCache:
                     hdr = f.read(HEADER_SIZE)
                     if len(hdr) == HEADER_SIZE and hdr[:8] == MAGIC:
                         blob_size = HEADER.unpack(hdr[: HEADER.size])[3]
+                        complete = struct.unpack_from("<I", hdr, COMPLETE_OFFSET)[0] == COMPLETE
                         recs = array("I")
                         recs.frombytes(f.read()[: ((mst.st_size - HEADER_SIZE) // 8) * 8])
                         present = min(recs[1::2].count(MARK) * PAGE, blob_size)
             except FileNotFoundError:
-                pass
-            out.append(CacheEntry(name, blob_size, st.st_blocks * 512 + meta_bytes, present, mtime))
+                if not data_bytes and not mtime:
+                    continue  # both gone meanwhile
+            out.append(CacheEntry(name, blob_size, data_bytes + meta_bytes, present, mtime, complete))
         return out
 
     # ------------------------------------------------------------- eviction
@@ -164,9 +213,14 @@ class BlockCache:
             target = water if target is None else target
             entries = sorted(self.entries(), key=lambda e: e.last_used)
             used = sum(e.disk_bytes for e in entries)
+            if not self._foreign_warned and used > target:
+                self._foreign_warned = True
+                other = self.foreign()
+                if other:
+                    log.warning("cache %s: leaving %d files the cache did not create: %s", self.dir, len(other), other)
             freed = 0
             for e in entries:
-                if used <= target:
+                if used <= target and target > 0:  # target 0 (clear) also removes empty leftovers
                     break
                 self.remove(e.digest)
                 used -= e.disk_bytes
@@ -201,6 +255,8 @@ class BlockCache:
                 raw = os.pread(fd, 4, GEN_OFFSET)
                 if len(raw) == 4:
                     os.pwrite(fd, struct.pack("<I", (struct.unpack("<I", raw)[0] + 1) & 0xFFFFFFFF), GEN_OFFSET)
+                if os.fstat(fd).st_size >= HEADER_SIZE:
+                    os.pwrite(fd, bytes(4), COMPLETE_OFFSET)
                 if os.fstat(fd).st_size > HEADER_SIZE:
                     os.ftruncate(fd, HEADER_SIZE)
             finally:
@@ -229,7 +285,18 @@ class BlobStore:
         self.npages = (blob_size + PAGE - 1) // PAGE
         self._lock = threading.Lock()
         self.last_touch = 0.0
-        self.disabled = False  # set after an unrecoverable cache write error (e.g. disk full)
+        self.disabled = False  # set after an unrecoverable cache write error
+        self.present = 0  # pages with a record (as far as this process knows); npages -> check the digest
+        self.complete = False  # every page present and the sha256 matched the digest
+        self.failed = ""  # set when the blob's content did not match its digest: reads fail with EIO
+        self.held = False  # fast path diverted until the verdict (see hold_fast_path)
+        self._held_gen = 0
+        # sha256 of the pages stored in order from offset 0 by this open, so the final check of a blob read
+        # sequentially hashes (almost) nothing more; tied to the generation it was computed under.
+        self._hash_lock = threading.Lock()
+        self._hash = hashlib.sha256()
+        self._hashed = 0
+        self._hash_gen = -1
         # Pages whose crc32c this open has checked (or written). Re-checking every read would cost more
         # than the read itself; the header generation tells us when someone else evicted the blob.
         self.verified = bytearray(self.npages)
@@ -249,7 +316,7 @@ class BlobStore:
             same = (
                 len(hdr) == HEADER_SIZE
                 and hdr[:GEN_OFFSET] == want[:GEN_OFFSET]
-                and hdr[GEN_OFFSET + 4 :] == want[GEN_OFFSET + 4 :]
+                and hdr[GEN_OFFSET + 4 : HEADER.size] == want[GEN_OFFSET + 4 : HEADER.size]
             )
             if not same:
                 if hdr:
@@ -262,11 +329,35 @@ class BlobStore:
             # The generation as a u32 view of the mapped header: read twice per warm read, so no struct call.
             # Native order == the header's little-endian on every platform Flatcar ships (amd64, arm64).
             self.genv = memoryview(self._hdr)[GEN_OFFSET : GEN_OFFSET + 4].cast("I")
+            self._sweep()
         except OSError:
             os.close(self.data_fd)
             os.close(self.meta_fd)
             raise
         self.gen = self.generation()
+
+    def _sweep(self) -> None:
+        """Drop records that cannot describe their page (a mark that is neither absent nor present, or a
+        page beyond the data file's end: truncated); count the rest. Checksums are checked on first read."""
+        recs = self.records(0, self.npages)
+        marks = recs[1::2]
+        data_size = os.fstat(self.data_fd).st_size
+        whole = self.npages if data_size >= self.size else data_size // PAGE  # pages the data file holds
+        bad = []
+        if marks[whole:].count(0) != self.npages - whole:
+            bad = [i for i in range(whole, self.npages) if marks[i]]
+        if marks[:whole].count(MARK) + marks[:whole].count(0) != whole:
+            bad += [i for i in range(whole) if marks[i] not in (0, MARK)]
+        for i in bad:
+            os.pwrite(self.meta_fd, bytes(8), HEADER_SIZE + i * 8)
+        self.present = marks.count(MARK) - sum(1 for i in bad if marks[i] == MARK)
+        flagged = struct.unpack_from("<I", self._hdr, COMPLETE_OFFSET)[0] == COMPLETE
+        self.complete = flagged and not bad and self.present == self.npages
+        if flagged and not self.complete:
+            struct.pack_into("<I", self._hdr, COMPLETE_OFFSET, 0)
+        if bad:
+            METRICS.add("cache_corrupt_blocks", len(bad))
+            log.warning("cache %s: dropped %d page records that do not match the data file", self.digest, len(bad))
 
     def generation(self) -> int:
         return self.genv[0]
@@ -277,14 +368,38 @@ class BlobStore:
         with self._lock:
             gen = (self.generation() + 1) & 0xFFFFFFFF
             struct.pack_into("<I", self._hdr, GEN_OFFSET, gen)
+            struct.pack_into("<I", self._hdr, COMPLETE_OFFSET, 0)
             os.ftruncate(self.data_fd, 0)
             os.ftruncate(self.meta_fd, HEADER_SIZE)
             self.verified[:] = bytes(self.npages)
             self.gen = gen
+            self.held = False
+            self.present = 0
+            self.complete = False
+
+    def hold_fast_path(self) -> None:
+        """The pages in flight will complete the blob: send this process's reads through the slow path (which
+        waits for the digest check) until release_fast_path, so none succeeds before the verdict."""
+        with self._lock:
+            if not self.held and not self.closed:
+                self.held = True
+                self._held_gen = self.gen
+                self.gen = HELD
+
+    def release_fast_path(self) -> None:
+        with self._lock:
+            if self.held:
+                self.held = False
+                g = self.generation()
+                if g != self._held_gen:  # evicted meanwhile: nothing checked before counts
+                    self.verified[:] = bytes(self.npages)
+                self.gen = g
 
     def fast_read(self, view: memoryview, offset: int) -> bool:
         """Read already-verified pages straight into `view` (any alignment); False -> take the checked path."""
         gen = self.gen
+        if self.held:
+            return False
         if self.generation() != gen:
             self.verified[:] = bytes(self.npages)
             self.gen = self.generation()
@@ -323,11 +438,20 @@ class BlobStore:
         return recs
 
     def drop_pages(self, first: int, count: int) -> None:
+        """Forget pages [first, first+count): their records become absent (refetched on the next read)."""
         self.verified[first : first + count] = bytes(count)
+        was = self.records(first, count)[1::2].count(MARK)
         os.pwrite(self.meta_fd, bytes(count * 8), HEADER_SIZE + first * 8)
+        self.present = max(0, self.present - was)
 
     def read_verified(self, start: int, view: memoryview) -> bool:
-        """Read page-aligned `start`..`start+len(view)` into view; False if any page is absent or corrupt."""
+        """Read whole pages `start`..`start+len(view)` into view; False if any page is absent or corrupt.
+
+        The span must start on a page and end on one or at the blob's end (a page's checksum covers the
+        whole page); any other span is refused (False), never checked against a partial page."""
+        end = start + len(view)
+        if start % PAGE or (end % PAGE and end != self.size) or end > self.size:
+            return False
         first = start // PAGE
         count = (len(view) + PAGE - 1) // PAGE
         recs = self.records(first, count)
@@ -346,37 +470,133 @@ class BlobStore:
         return True
 
     def store(self, start: int, data: memoryview) -> None:
-        """Write a fetched page-aligned span, then its records. Errors (disk full) disable caching of this blob."""
-        if self.disabled:
+        """Write the whole pages of a fetched span, then their records; a partial page is stored only when it is
+        the blob's tail. A disk-full write is read through (nothing recorded); other errors disable caching."""
+        if self.disabled or self.failed:
             return
+        if time.monotonic() < self.cache.full_until:
+            return  # the cache disk was full a moment ago: read through without writing
+        skip = -start % PAGE  # whole pages only, by construction: trim a head or tail that is not one
+        start += skip
+        end = min(start + len(data) - skip, self.size)
+        if end < self.size:
+            end = end // PAGE * PAGE
+        if end <= start:
+            return
+        data = data[skip : skip + end - start]
         first = start // PAGE
         count = (len(data) + PAGE - 1) // PAGE
         recs = array("I", bytes(count * 8))
         for i in range(count):
             recs[2 * i] = crc32c(data[i * PAGE : (i + 1) * PAGE], 0, 1)  # 1: without the GIL (readers, fetchers)
             recs[2 * i + 1] = MARK
-        try:
-            before = self.records(first, count)[1::2].count(MARK)
-            done = 0
-            while done < len(data):
-                done += os.pwrite(self.data_fd, data[done:], start + done)
-            os.pwrite(self.meta_fd, recs.tobytes(), HEADER_SIZE + first * 8)
-            self.verified[first : first + count] = b"\x01" * count
-        except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                log.warning("cache %s: disk full (%s); serving this blob from the registry", self.digest, e)
-                METRICS.error("cache_full")
+        err: OSError | None = None
+        with self._lock:  # serialised with reset_files: no record for data an eviction truncated meanwhile
+            if self.closed:
+                return
+            gen = self.generation()
+            try:
+                before = self.records(first, count)[1::2].count(MARK)
+                done = 0
+                while done < len(data):
+                    done += os.pwrite(self.data_fd, data[done:], start + done)
+                raw = recs.tobytes()
+                if os.pwrite(self.meta_fd, raw, HEADER_SIZE + first * 8) != len(raw):
+                    raise OSError(errno.ENOSPC, "short page record write")
+            except OSError as e:
+                err = e
                 try:
                     self.drop_pages(first, count)
                 except OSError:
                     pass
-                self.cache.evict(target=int(self.cache.used * 0.9), reason="disk")  # LRU first; this blob is newest
+            else:
+                self.present += count - before
+                if gen == self.gen and self.generation() == gen:  # else an eviction raced us: check on read
+                    self.verified[first : first + count] = b"\x01" * count
+                whole = self.present >= self.npages and not self.complete
+        if err is not None:  # outside our lock: eviction may reset this very blob
+            if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                self.cache.disk_full(self.digest, err)
+                try:
+                    self.cache.evict(target=int(self.cache.used * 0.9), reason="disk")  # LRU first
+                except OSError as e2:
+                    log.debug("cache %s: eviction after ENOSPC failed: %s", self.digest, e2)
                 return
-            log.warning("cache %s: write failed (%s); not caching", self.digest, e)
+            log.warning("cache %s: write failed (%s); not caching this blob", self.digest, err)
             METRICS.error("cache_write")
             self.disabled = True
             return
+        self._hash_advance(start, data, gen)
         self.cache.account((count - before) * PAGE)
+        if whole:
+            self.verify_complete()
+
+    def _hash_advance(self, start: int, data: memoryview, gen: int) -> None:
+        """Extend the running sha256 with a stored span that continues it (a sequential stream)."""
+        with self._hash_lock:
+            if self._hash_gen != gen:
+                self._hash, self._hashed, self._hash_gen = hashlib.sha256(), 0, gen
+            if start <= self._hashed < start + len(data):
+                self._hash.update(data[self._hashed - start :])  # releases the GIL for large spans
+                self._hashed = start + len(data)
+
+    def verify_complete(self, at_open: bool = False) -> bool:
+        """Every page is present: check the blob's sha256 against its digest before marking it complete.
+
+        Why: a page checksum only says the cache holds what was fetched; an uncompressed layer has no
+        other check, so a registry that served wrong bytes is caught here. A mismatch that page
+        checksums explain (cache corruption) drops those pages; otherwise the blob is emptied and,
+        unless found at open (bytes fetched by an earlier run), its reads fail until it is reopened.
+        Returns True when the blob is complete and correct."""
+        gen = self.generation()
+        recs = self.records(0, self.npages)
+        self.present = recs[1::2].count(MARK)
+        if self.present < self.npages:
+            return False  # another process evicted pages meanwhile
+        algo, _, want = self.digest.partition(":")
+        if algo != "sha256":
+            return False  # nothing to check it against; stays "all pages present"
+        with self._hash_lock:
+            h, off = (self._hash.copy(), self._hashed) if self._hash_gen == gen else (hashlib.sha256(), 0)
+        buf = memoryview(bytearray(max(PAGE, min(self.size - off, 4 << 20))))
+        while off < self.size:
+            view = buf[: min(len(buf), self.size - off)]
+            if os.preadv(self.data_fd, [view], off) != len(view):
+                return False  # truncated under us (evicted)
+            h.update(view)  # hashlib releases the GIL for large buffers
+            off += len(view)
+        if self.generation() != gen:
+            return False
+        got = h.hexdigest()
+        if got == want:
+            with self._lock:
+                if self.generation() == gen and not self.closed:
+                    struct.pack_into("<I", self._hdr, COMPLETE_OFFSET, COMPLETE)
+                    self.complete = True
+            METRICS.add("blobs_verified")
+            log.info("cache %s: all %d bytes cached and verified against the digest", self.digest, self.size)
+            return True
+        bad = [i for i in range(self.npages) if not self._page_ok(i, recs[2 * i], buf)]
+        if bad:
+            METRICS.add("cache_corrupt_blocks", len(bad))
+            log.warning("cache %s: %d pages have bad checksums; dropping them", self.digest, len(bad))
+            for i in bad:
+                self.drop_pages(i, 1)
+            return False
+        METRICS.error("digest_mismatch")
+        msg = f"blob {self.digest} ({self.size} bytes) as served by the registry hashes to sha256:{got}"
+        self.cache.used = max(0, self.cache.used - self.npages * PAGE)
+        self.reset_files()
+        if at_open:
+            log.error("cache %s: %s; emptied it (fetched by an earlier run), refetching on demand", self.digest, msg)
+            return False
+        self.failed = f"{msg}; its reads fail until the layer is reopened"
+        log.error("cache %s: %s; emptied it and failing its reads until the layer is reopened", self.digest, msg)
+        return False
+
+    def _page_ok(self, i: int, crc: int, buf: memoryview) -> bool:
+        n = min(PAGE, self.size - i * PAGE)
+        return os.preadv(self.data_fd, [buf[:n]], i * PAGE) == n and crc32c(buf[:n]) == crc
 
 
 _caches: dict[str, BlockCache] = {}

@@ -107,6 +107,11 @@ class CachedBlob:
         elif n == 0:
             return 0
         st = self.store
+        if st.failed:  # the blob did not match its digest: none of it is trusted
+            raise OSError(errno.EIO, f"{self.name}: {st.failed}")
+        if st.held:  # readahead in flight completes the blob: no read succeeds before its digest check
+            self._await_verdict()
+            st.release_fast_path()
         sequential = offset == self._seq_end
         self._seq_end = offset + n
         t0 = time.monotonic()
@@ -311,6 +316,30 @@ class CachedBlob:
         finally:
             for p in waits:
                 self._unref(p)
+        self._await_verdict()
+
+    def _await_verdict(self) -> None:
+        """If this fill leaves no page of the blob missing (all on disk or in flight), wait until they are
+        stored and the whole-blob digest check has run: the read that completes a blob whose content does
+        not match its digest fails (EIO) instead of ending a full read in success."""
+        st = self.store
+        if st.complete or st.disabled:
+            return
+        pending = self._completing()
+        if not pending:
+            return
+        for p in pending:
+            p.finished.wait()
+        if st.failed:
+            raise OSError(errno.EIO, f"{self.name}: {st.failed}")
+
+    def _completing(self) -> set[_Pending]:
+        """The fetches in flight if, once stored, no page of the blob is missing; else an empty set."""
+        st = self.store
+        with self._lock:
+            pending = set(self._inflight.values())
+        flying = sum((p.end - p.start + PAGE - 1) // PAGE for p in pending)
+        return pending if pending and st.present + flying >= st.npages else set()
 
     @staticmethod
     def _copy_out(view: memoryview, offset: int, start: int, data: memoryview) -> None:
@@ -323,17 +352,24 @@ class CachedBlob:
         st = self.store
         if self._ra < 4 * self.refill or st is None or st.disabled or end >= self._size:
             return
+        if st.cache.full_until > time.monotonic():
+            return  # nothing would be cached: readers fetch what they need themselves
         R = self.refill
+        # Window edges on refill (so page) boundaries: `_ra` counts raw bytes, fills must not.
         start = max(self._frontier, (end + R - 1) // R * R)
         piece = min(READAHEAD_PIECE, self._ra // 2) if READAHEAD_PIECE else self._ra // 2
         if start - end > self._ra - piece or start >= self._size:  # top up once a piece's worth was consumed
             return
-        stop = min(start + self._ra, self._size)
+        stop = min((start + self._ra) // R * R, self._size)
+        if stop <= start:
+            return
         first = start // PAGE
         recs = st.records(first, (stop - start + PAGE - 1) // PAGE)  # one pread for the whole window
         blocks = [blk for blk in range(start, stop, R) if recs[2 * (blk // PAGE - first) + 1] != MARK]
         self._frontier = stop
         mine, _ = self._claim(blocks, piece, hold=False)
+        if mine and not st.complete and self._completing():
+            st.hold_fast_path()
         for p in mine:
             _readahead_pool().submit(self._readahead, p)
 

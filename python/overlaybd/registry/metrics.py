@@ -26,6 +26,7 @@ class Metrics:
             self.cache_misses = 0
             self.cache_bytes_served = 0
             self.cache_corrupt_blocks = 0
+            self.blobs_verified = 0
             self.evicted_bytes = 0
             self.errors: dict[str, int] = {}
             self.bk_download_bytes = 0
@@ -66,8 +67,13 @@ class Metrics:
             counter("overlaybd_cache_misses_total", "Reads that needed a registry fetch.", self.cache_misses)
             counter(
                 "overlaybd_cache_corrupt_blocks_total",
-                "Cached pages dropped for a bad checksum.",
+                "Cached pages dropped: a bad checksum, or a record that does not match its page.",
                 self.cache_corrupt_blocks,
+            )
+            counter(
+                "overlaybd_cache_blobs_verified_total",
+                "Blobs fully cached whose sha256 matched their digest (mismatches: errors kind=digest_mismatch).",
+                self.blobs_verified,
             )
             counter("overlaybd_cache_evicted_bytes_total", "Bytes evicted from the block cache.", self.evicted_bytes)
             counter(
