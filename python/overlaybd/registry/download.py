@@ -183,6 +183,7 @@ def download_layer(f: Any, cfg: Any, audit: AuditLog, cancelled: Any = lambda: F
         got_hex = h.hexdigest()
         if got_hex != want:
             _discard(partial)
+            METRICS.error("digest_mismatch")  # the same kind as the block cache's whole-blob check
             raise DigestMismatch(
                 f"{f.name}: downloaded content hashes to sha256:{got_hex}, expected {f.digest}; discarded {partial}"
             )
