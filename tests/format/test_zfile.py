@@ -547,6 +547,34 @@ def test_bad_block_crc(tmp_path: Path, lz4zf: Path) -> None:
     expect(BadChecksum, p, "block 5 crc", lambda: verify_blocks(LocalFile(p)))
 
 
+@pytest.mark.parametrize("name", ["zfile/L0.commit.lz4.zf", "zfile/L0.commit.lz4.nocrc.zf", "zfile/L0.commit.z_lz4"])
+def test_whole_block_reads_match_general_path(vectors: Path, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """The C whole-block reader (when built) returns what the Python path returns, for every block."""
+    from overlaybd.format.zfile import reader as reader_mod
+
+    ref = (vectors / "commit/L0.commit").read_bytes()
+    with open_zfile(LocalFile(vectors / name)) as z:
+        bs = z.block_size
+        buf = memoryview(bytearray(bs))
+        for k in range(z.block_count):
+            n = z.pread_into(buf, k * bs)
+            assert bytes(buf[:n]) == ref[k * bs : k * bs + n]
+    monkeypatch.setattr(reader_mod, "ACCEL", None)
+    with open_zfile(LocalFile(vectors / name)) as z:
+        assert "pread_into" not in vars(z)
+        assert z.pread(z.size(), 0) == ref
+
+
+def test_whole_block_read_of_bad_block_reports_it(tmp_path: Path, lz4zf: Path) -> None:
+    """A CRC fault found by the C whole-block reader is reported (and retried) by the checked path."""
+    p = _flip_in_block(lz4zf, tmp_path / "bc.zf", 5)
+    with open_zfile(LocalFile(p)) as z:
+        buf = memoryview(bytearray(4096))
+        assert z.pread_into(buf, 4 * 4096) == 4096
+        err = expect(BadChecksum, p, "block 5 crc", lambda: z.pread_into(buf, 5 * 4096))
+        assert f"offset {z.block_span(5)[0]}" in err.message
+
+
 def test_corrupt_block_without_crc(tmp_path: Path, vectors: Path) -> None:
     """No CRC in the file: a broken zstd frame is still reported as a bad block, not garbage data."""
     src = vectors / "zfile/L0.commit.zstd.nocrc.zf"

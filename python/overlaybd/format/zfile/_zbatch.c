@@ -1,32 +1,38 @@
-/* Optional accelerator for the ZFile writer: LZ4-compress and CRC a whole batch of blocks in one call
- * without the GIL.
+/* Optional accelerator for ZFiles: LZ4-compress and CRC a whole batch of blocks in one call without the
+ * GIL (writer), and read + check + decompress one LZ4 block straight into the caller's buffer (reader).
  *
  * Why: python-lz4 has no batch API, so compressing 4 KiB blocks from Python takes and releases the GIL
  * once per block; with several compression threads they contend for it on every block and two threads
  * end up slower than one. Here a batch (~512 KiB, 128 blocks) costs one GIL release, so threads scale.
+ * On the read side a random 4 KiB read is otherwise three library calls (pread, CRC, decompress) plus a
+ * bytes object and a copy; here it is one call.
  *
  * The LZ4 code is python-lz4's own (its extension exports the LZ4 symbols; the Python side passes their
- * addresses to init()), called exactly as `lz4.block.compress(mode="default", store_size=False)` calls
- * it (reset stream, compress_fast_continue, acceleration 1), so the output is byte-identical to the
- * pure-Python path. The CRC is overlaybd's raw CRC-32C (no pre/post inversion), SSE4.2 when the CPU
- * has it. Without this module (no compiler at install time) the writer falls back to Python.
+ * addresses to init()/init_read()), called exactly as `lz4.block.compress(mode="default",
+ * store_size=False)` and `lz4.block.decompress(data, capacity)` call it (reset stream,
+ * compress_fast_continue, acceleration 1; decompress_safe), so the bytes are identical to the
+ * pure-Python path. The CRC is overlaybd's raw CRC-32C (no pre/post inversion), SSE4.2 when the CPU has
+ * it. Without this module (no compiler at install time) both sides fall back to Python.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
 #include <string.h>
+#include <unistd.h>
 
 typedef void *(*create_stream_fn)(void);
 typedef int (*free_stream_fn)(void *);
 typedef void (*reset_stream_fn)(void *);
 typedef int (*compress_continue_fn)(void *, const char *, char *, int, int, int);
 typedef int (*bound_fn)(int);
+typedef int (*decompress_fn)(const char *, char *, int, int);
 
 static create_stream_fn lz4_create;
 static free_stream_fn lz4_free;
 static reset_stream_fn lz4_reset;
 static compress_continue_fn lz4_compress;
 static bound_fn lz4_bound;
+static decompress_fn lz4_decompress;
 
 /* ---- raw CRC-32C (Castagnoli, reflected, poly 0x82F63B78) ------------------------------------------ */
 static uint32_t crc_table[256];
@@ -91,6 +97,7 @@ static void put_le32(unsigned char *p, uint32_t v)
 /* ---- module functions ------------------------------------------------------------------------------- */
 static PyObject *zb_init(PyObject *self, PyObject *args)
 {
+    (void)self;
     unsigned long long a, b, c, d, e;
     if (!PyArg_ParseTuple(args, "KKKKK", &a, &b, &c, &d, &e))
         return NULL;
@@ -106,8 +113,76 @@ static PyObject *zb_init(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+static PyObject *zb_init_read(PyObject *self, PyObject *args)
+{
+    (void)self;
+    unsigned long long a;
+    if (!PyArg_ParseTuple(args, "K", &a))
+        return NULL;
+    if (!a) {
+        PyErr_SetString(PyExc_ValueError, "null LZ4 function address");
+        return NULL;
+    }
+    lz4_decompress = (decompress_fn)(uintptr_t)a;
+    Py_RETURN_NONE;
+}
+
+/* lz4_pread_block(fd, offset, stored_len, out, crc_seed_or_None) -> 0 when `out` (exactly the block's
+ * decoded length) was filled; a negative value when anything is off (short read -1, CRC -2, decode or
+ * length -3): the caller then takes its checked path, which reports the fault and retries. The pread,
+ * CRC and decompression run without the GIL, straight into the caller's buffer. */
+static PyObject *zb_lz4_pread_block(PyObject *self, PyObject *args)
+{
+    (void)self;
+    int fd, stored;
+    long long offset;
+    Py_buffer out;
+    PyObject *seed_obj;
+    if (!PyArg_ParseTuple(args, "iLiw*O", &fd, &offset, &stored, &out, &seed_obj))
+        return NULL;
+    if (lz4_decompress == NULL || stored <= 0 || stored > (1 << 20)) {
+        PyBuffer_Release(&out);
+        return PyLong_FromLong(-3);
+    }
+    int verify = seed_obj != Py_None;
+    uint32_t seed = verify ? (uint32_t)PyLong_AsUnsignedLongMask(seed_obj) : 0;
+    unsigned char stack_buf[65536 + 4096]; /* every stored block of a valid file fits (max_compressed_len) */
+    unsigned char *tmp = stored <= (int)sizeof(stack_buf) ? stack_buf : PyMem_RawMalloc((size_t)stored);
+    if (tmp == NULL) {
+        PyBuffer_Release(&out);
+        return PyErr_NoMemory();
+    }
+    long rc;
+    Py_BEGIN_ALLOW_THREADS
+    ssize_t got = pread(fd, tmp, (size_t)stored, (off_t)offset);
+    if (got != stored) {
+        rc = -1;
+    } else {
+        int data_len = stored;
+        rc = 0;
+        if (verify) {
+            data_len -= 4;
+            uint32_t want = (uint32_t)tmp[data_len] | (uint32_t)tmp[data_len + 1] << 8 |
+                            (uint32_t)tmp[data_len + 2] << 16 | (uint32_t)tmp[data_len + 3] << 24;
+            if (data_len <= 0 || crc_raw(seed, tmp, (size_t)data_len) != want)
+                rc = -2;
+        }
+        if (rc == 0) {
+            int n = lz4_decompress((const char *)tmp, out.buf, data_len, (int)out.len);
+            if (n != (int)out.len)
+                rc = -3;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    if (tmp != stack_buf)
+        PyMem_RawFree(tmp);
+    PyBuffer_Release(&out);
+    return PyLong_FromLong(rc);
+}
+
 static PyObject *zb_crc32c_raw(PyObject *self, PyObject *args)
 {
+    (void)self;
     Py_buffer data;
     unsigned int seed = 0;
     if (!PyArg_ParseTuple(args, "y*|I", &data, &seed))
@@ -120,6 +195,7 @@ static PyObject *zb_crc32c_raw(PyObject *self, PyObject *args)
 /* lz4_batch(data, block_size, crc_seed_or_None) -> (stored bytes, u32 little-endian stored lengths) */
 static PyObject *zb_lz4_batch(PyObject *self, PyObject *args)
 {
+    (void)self;
     Py_buffer src;
     int bs;
     PyObject *seed_obj;
@@ -202,11 +278,14 @@ static PyMethodDef methods[] = {
     {"init", zb_init, METH_VARARGS, "init(create, free, reset, compress_fast_continue, bound): LZ4 addresses"},
     {"lz4_batch", zb_lz4_batch, METH_VARARGS,
      "lz4_batch(data, block_size, crc_seed or None) -> (stored bytes, u32le lengths); no GIL while it runs"},
+    {"init_read", zb_init_read, METH_VARARGS, "init_read(LZ4_decompress_safe address)"},
+    {"lz4_pread_block", zb_lz4_pread_block, METH_VARARGS,
+     "lz4_pread_block(fd, offset, stored_len, out, crc_seed or None) -> 0 or a negative fault code"},
     {"crc32c_raw", zb_crc32c_raw, METH_VARARGS, "crc32c_raw(data, seed=0): raw CRC-32C (for tests)"},
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_zbatch", NULL, -1, methods};
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_zbatch", NULL, -1, methods, NULL, NULL, NULL, NULL};
 
 PyMODINIT_FUNC PyInit__zbatch(void)
 {

@@ -12,8 +12,10 @@ Decompression never trusts a size claimed by the data: LZ4 is given a capacity o
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
+from types import ModuleType
 from typing import cast
 
 import lz4.block  # type: ignore[import-untyped]  # no stubs; the casts below give its results types
@@ -97,6 +99,30 @@ def decompressor(algo: int) -> Callable[[Buffer, int], bytes]:
     if algo == ALGO_ZSTD:
         return _zstd_decompress
     raise ValueError(f"unsupported ZFile algorithm {algo}")
+
+
+def _load_accelerator() -> ModuleType | None:
+    """The C helper (`_zbatch.c`) wired to python-lz4's own LZ4 functions; None when it is not built
+    (or OVERLAYBD_ZFILE_PURE_PYTHON is set), and then the callers use the Python paths."""
+    if os.environ.get("OVERLAYBD_ZFILE_PURE_PYTHON"):
+        return None
+    try:
+        import ctypes
+
+        from . import _zbatch  # type: ignore[attr-defined]
+
+        lib = ctypes.CDLL(lz4.block._block.__file__)
+        names = ("LZ4_createStream", "LZ4_freeStream", "LZ4_resetStream", "LZ4_compress_fast_continue")
+        addrs = [ctypes.cast(getattr(lib, n), ctypes.c_void_p).value for n in (*names, "LZ4_compressBound")]
+        _zbatch.init(*addrs)
+        _zbatch.init_read(ctypes.cast(lib.LZ4_decompress_safe, ctypes.c_void_p).value)
+    except (ImportError, OSError, AttributeError, ValueError):
+        return None
+    return cast(ModuleType, _zbatch)
+
+
+#: the C helper module, or None
+ACCEL = _load_accelerator()
 
 
 def max_compressed_len(block_size: int) -> int:

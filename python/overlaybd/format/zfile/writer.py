@@ -26,7 +26,6 @@ from array import array
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from types import ModuleType
 from typing import Protocol, cast
 
 import lz4.block  # type: ignore[import-untyped]
@@ -37,7 +36,7 @@ from ..crc32c import BLOCK_CRC_SEED, crc32c_raw
 from ..errors import Truncated
 from ..fileio import RandomAccessFile
 from . import header as hdr
-from .codec import ZSTD_LEVEL
+from .codec import ACCEL, ZSTD_LEVEL
 from .header import HT_SIZE, ZFileHeader
 from .reader import MAX_BLOCK_SIZE, MIN_BLOCK_SIZE
 
@@ -68,25 +67,7 @@ def default_threads() -> int:
 
 
 # ---- batch compressors (run in pool threads; pure functions of their input) ------------------------------------
-def _load_accelerator() -> ModuleType | None:
-    """The C batch compressor (`_zbatch.c`), wired to python-lz4's own LZ4 functions; None if not built."""
-    if os.environ.get("OVERLAYBD_ZFILE_PURE_PYTHON"):
-        return None
-    try:
-        import ctypes
-
-        from . import _zbatch  # type: ignore[attr-defined]
-
-        lib = ctypes.CDLL(lz4.block._block.__file__)
-        names = ("LZ4_createStream", "LZ4_freeStream", "LZ4_resetStream", "LZ4_compress_fast_continue")
-        addrs = [ctypes.cast(getattr(lib, n), ctypes.c_void_p).value for n in (*names, "LZ4_compressBound")]
-        _zbatch.init(*addrs)
-    except (ImportError, OSError, AttributeError, ValueError):
-        return None
-    return cast(ModuleType, _zbatch)
-
-
-_accel = _load_accelerator()
+_accel = ACCEL
 #: True when LZ4 batches compress in C without the GIL (see docs/performance.md)
 ACCELERATED = _accel is not None
 
