@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import tempfile
 
@@ -44,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         vsize_gb=args.vsize, fstype=args.fstype, algorithm=args.algorithm, block_kib=args.bs, oci=not args.docker
     )
     try:
+        if args.work_dir:
+            os.makedirs(args.work_dir, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="obdconv-io-", dir=args.work_dir) as tmp:
             if args.src.startswith("oci:"):
                 src_path, src_name = _layout_arg(args.src)
