@@ -19,4 +19,5 @@ TOOLS: dict[str, str] = {
     "overlaybd-convert": "overlaybd.cli.convert:main",
     "overlaybd-butane": "overlaybd.cli.butane:main",
     "overlaybd-record-trace": "overlaybd.cli.record_trace:main",
+    "overlaybd-download-sysext": "overlaybd.cli.download_sysext:main",
 }
