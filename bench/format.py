@@ -275,11 +275,13 @@ def _algo_serial(algo: str, batches: list[bytes], work: Path, mb: float) -> dict
     from overlaybd.format.zfile import writer
 
     batcher = writer._BATCHERS[writer.hdr.ALGORITHMS[algo]]
-    results = [batcher(b, 4096, True) for b in batches]
-    total = _best_ms_per_mb(lambda: [batcher(b, 4096, True) for b in batches], mb)
+    results = [(bytes(d), lens) for d, lens in (batcher(b, 4096, True, None) for b in batches)]
+    total = _best_ms_per_mb(lambda: [batcher(b, 4096, True, None) for b in batches], mb)
     if algo == "lz4" and writer._accel is not None:
         acc = writer._accel
-        codec = _best_ms_per_mb(lambda: [acc.lz4_batch(b, 4096, writer.BLOCK_CRC_SEED) for b in batches], mb)
+        out, lens = writer.out_buffers(len(batches[0]), 4096)
+        seed = writer.BLOCK_CRC_SEED
+        codec = _best_ms_per_mb(lambda: [acc.lz4_batch_into(b, 4096, seed, out, lens) for b in batches], mb)
     elif algo == "zstd":
         c = zstandard.ZstdCompressor(level=3)
         segs = [zstandard.BufferWithSegments(b, writer._segments(len(b), 4096)) for b in batches]

@@ -51,7 +51,9 @@ _PACK_CRC = struct.Struct("<I").pack
 _lz4_compress = lz4.block.compress
 
 #: (stored bytes of a batch, stored length of each of its blocks)
-Batch = tuple[bytes, "array[int]"]
+Batch = tuple["bytes | memoryview", "array[int]"]
+#: reusable output buffers of one batch for the C path: (stored bytes, u32 lengths)
+OutBufs = tuple[bytearray, bytearray]
 
 
 class Writable(Protocol):
@@ -72,20 +74,31 @@ _accel = ACCEL
 ACCELERATED = _accel is not None
 
 
-def _lz4_batch(chunk: bytes | bytearray, bs: int, verify: bool) -> Batch:
+def _lz4_batch(chunk: bytes | bytearray, bs: int, verify: bool, bufs: OutBufs | None = None) -> Batch:
     """LZ4: the whole batch in one GIL-free C call when the accelerator is built, else one python-lz4
     call per block (no batch API there; each call releases and retakes the GIL, so threads contend)."""
     if _accel is not None:
-        data, raw_lens = _accel.lz4_batch(chunk, bs, BLOCK_CRC_SEED if verify else None)
+        nblocks = -(-len(chunk) // bs)
+        if bufs is None:
+            bufs = out_buffers(len(chunk), bs)
+        out, raw_lens = bufs
+        stored = _accel.lz4_batch_into(chunk, bs, BLOCK_CRC_SEED if verify else None, out, raw_lens)
         lens = array("I")
-        lens.frombytes(raw_lens)
+        lens.frombytes(memoryview(raw_lens)[: 4 * nblocks])
         if sys.byteorder != "little":
             lens.byteswap()
-        return data, lens
+        return memoryview(out)[:stored], lens
     mv = memoryview(chunk)
     comp = _lz4_compress
     blocks = [comp(mv[o : o + bs], "default", False) for o in range(0, len(mv), bs)]
     return _with_crcs(blocks, verify)
+
+
+def out_buffers(n: int, bs: int) -> OutBufs:
+    """Output buffers big enough for the C LZ4 path over `n` input bytes in `bs`-byte blocks."""
+    assert _accel is not None
+    blocks = -(-n // bs)
+    return bytearray(blocks * (_accel.lz4_bound(bs) + 4)), bytearray(4 * blocks)
 
 
 _tls = threading.local()
@@ -104,7 +117,7 @@ def _segments(n: int, bs: int) -> bytes:
     return table
 
 
-def _zstd_batch(chunk: bytes | bytearray, bs: int, verify: bool) -> Batch:
+def _zstd_batch(chunk: bytes | bytearray, bs: int, verify: bool, bufs: OutBufs | None = None) -> Batch:
     """zstd: every block of the batch in one GIL-free call, each block its own frame (same bytes as
     ZstdCompressor.compress per block, which upstream's vectors pin)."""
     cctx = getattr(_tls, "zstd", None)
@@ -137,7 +150,7 @@ def _with_crcs(blocks: list[bytes], verify: bool) -> Batch:
     return b"".join(parts), array("I", [len(b) + 4 for b in blocks])
 
 
-_BATCHERS: dict[int, Callable[[bytes | bytearray, int, bool], Batch]] = {
+_BATCHERS: dict[int, Callable[[bytes | bytearray, int, bool, OutBufs | None], Batch]] = {
     hdr.ALGO_LZ4: _lz4_batch,
     hdr.ALGO_ZSTD: _zstd_batch,
 }
@@ -182,7 +195,13 @@ class ZFileBuilder:
         self.batch_bytes = max(1, BATCH_BYTES // block_size) * block_size
         self.threads = default_threads() if threads is None else threads
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="zfile-compress") if self.threads > 1 else None
-        self._inflight: deque[Future[Batch]] = deque()
+        # (result, input buffer, output buffers) per batch in flight, oldest first
+        self._inflight: deque[tuple[Future[Batch], bytes | bytearray, OutBufs | None]] = deque()
+        # batch-sized buffers recycled once their batch is written: fresh ~0.5 MiB allocations per batch
+        # cost a page fault per 4 KiB, as much CPU as LZ4 itself (only the caller's thread touches these)
+        self._free_in: list[bytearray] = []
+        self._free_out: list[OutBufs] = []
+        self._use_out_bufs = _accel is not None and self._opts.algo == hdr.ALGO_LZ4
         self._window = 2 * self.threads
         self._pending = bytearray()
         self._lens = array("I")
@@ -208,14 +227,25 @@ class ZFileBuilder:
             self._pending += mv[:take]
             pos = take
             if len(self._pending) == batch:
-                self._submit(bytes(self._pending))
+                self._submit(self._copy(self._pending))
                 self._pending.clear()
         while n - pos >= batch:
-            self._submit(bytes(mv[pos : pos + batch]))
+            self._submit(self._copy(mv[pos : pos + batch]))
             pos += batch
         if pos < n:
             self._pending += mv[pos:]
         return n
+
+    def _copy(self, data: bytes | bytearray | memoryview) -> bytearray:
+        if len(data) == self.batch_bytes:
+            buf = self.take_buffer()
+            buf[:] = data
+            return buf
+        return bytearray(data)
+
+    def take_buffer(self) -> bytearray:
+        """A `batch_bytes` buffer to fill and pass to write_batch() (recycled from written batches)."""
+        return self._free_in.pop() if self._free_in else bytearray(self.batch_bytes)
 
     def write_batch(self, chunk: bytearray) -> None:
         """Append `chunk` without copying it: the builder takes ownership (the caller must not touch it
@@ -231,19 +261,31 @@ class ZFileBuilder:
             self._submit(chunk)
 
     def _submit(self, chunk: bytes | bytearray) -> None:
+        bufs: OutBufs | None = None
+        if self._use_out_bufs:
+            bufs = self._free_out.pop() if self._free_out else out_buffers(self.batch_bytes, self.block_size)
         if self._pool is None:
-            self._emit(self._batcher(chunk, self.block_size, self.verify))
+            self._emit(self._batcher(chunk, self.block_size, self.verify, bufs), chunk, bufs)
             return
         inflight = self._inflight
         while len(inflight) >= self._window:
-            self._emit(inflight.popleft().result())
-        inflight.append(self._pool.submit(self._batcher, chunk, self.block_size, self.verify))
+            self._emit_oldest()
+        inflight.append((self._pool.submit(self._batcher, chunk, self.block_size, self.verify, bufs), chunk, bufs))
 
-    def _emit(self, result: Batch) -> None:
+    def _emit_oldest(self) -> None:
+        fut, chunk, bufs = self._inflight.popleft()
+        self._emit(fut.result(), chunk, bufs)
+
+    def _emit(self, result: Batch, chunk: bytes | bytearray, bufs: OutBufs | None) -> None:
         data, lens = result
         self._out.write(data)
         self._lens.extend(lens)
         self._stored += len(data)
+        del data, result  # release the view of the output buffer before it is reused
+        if type(chunk) is bytearray and len(chunk) == self.batch_bytes and len(self._free_in) <= self._window:
+            self._free_in.append(chunk)
+        if bufs is not None and len(self._free_out) <= self._window:
+            self._free_out.append(bufs)
 
     # ---- finish -----------------------------------------------------------------------------------------------
     def close(self) -> None:
@@ -255,7 +297,7 @@ class ZFileBuilder:
                 self._submit(bytes(self._pending))
                 self._pending.clear()
             while self._inflight:
-                self._emit(self._inflight.popleft().result())
+                self._emit_oldest()
         finally:
             self._shutdown()
         table = self._lens
@@ -285,7 +327,7 @@ class ZFileBuilder:
 
     def _shutdown(self) -> None:
         self._closed = True
-        for fut in self._inflight:
+        for fut, _, _ in self._inflight:
             fut.cancel()
         self._inflight.clear()
         if self._pool is not None:
@@ -320,7 +362,7 @@ def compress(src: RandomAccessFile, out: Writable, chunk: int | None = None, **o
         pos = 0
         while pos < size:
             want = min(step, size - pos)
-            buf = bytearray(want)
+            buf = builder.take_buffer() if want == step else bytearray(want)
             n = src.pread_into(memoryview(buf), pos)
             if n == 0:
                 raise Truncated(src.name, "data", f"short read at offset {pos} of {size}")
