@@ -33,8 +33,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _is_json(path: str) -> bool:
-    with open(path, "rb") as f:
-        head = f.read(64).lstrip()
+    """Whether `path` looks like a config; a FIFO or device is refused here (it would block)."""
+    from ..format.fileio import LocalFile
+
+    with LocalFile(path) as f:
+        head = f.pread(64, 0).lstrip()
     return head.startswith(b"{")
 
 

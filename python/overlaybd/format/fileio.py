@@ -9,6 +9,7 @@ caller-owned buffer (no intermediate copies).
 from __future__ import annotations
 
 import os
+import stat
 from typing import Protocol, runtime_checkable
 
 from .errors import FormatError
@@ -35,16 +36,41 @@ class RandomAccessFile(Protocol):
     def close(self) -> None: ...
 
 
+def _kind(mode: int) -> str:
+    """What a non-regular file is, for the error that refuses it."""
+    for test, name in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return name
+    return f"mode 0o{stat.S_IFMT(mode):o}"
+
+
 class LocalFile:
-    """A file on local disk, read with os.preadv into caller buffers."""
+    """A regular file on local disk, read with os.preadv into caller buffers.
+
+    Anything else is refused when opened: a FIFO or character device would block or never end
+    (their size is 0 and reads do not stop), a directory cannot be read.
+    """
 
     def __init__(self, path: str | os.PathLike[str], writable: bool = False) -> None:
         self.name = os.fspath(path)
         flags = os.O_RDWR if writable else os.O_RDONLY
         try:
-            self.fd = os.open(self.name, flags | os.O_CLOEXEC)
+            # O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused just below
+            self.fd = os.open(self.name, flags | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError as e:
             raise FormatError(self.name, "file", f"cannot open: {e.strerror}") from e
+        mode = os.fstat(self.fd).st_mode
+        if not stat.S_ISREG(mode):
+            os.close(self.fd)
+            self.fd = -1
+            raise FormatError(self.name, "file", f"not a regular file ({_kind(mode)})")
+        os.set_blocking(self.fd, True)
         self.writable = writable
 
     def size(self) -> int:

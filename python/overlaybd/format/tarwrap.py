@@ -87,6 +87,17 @@ def _is_ustar(block: bytes) -> bool:
     return stored in _checksums(block)
 
 
+MAX_SIZE_DIGITS = 20  # a 64-bit size has at most 20 decimal digits
+_EXCERPT = 24  # bytes of a bad value echoed in an error (the line stays short, whatever the input)
+
+
+def _excerpt(raw: bytes) -> str:
+    """A bad value for an error message: its first bytes, and its length when it was cut."""
+    if len(raw) <= _EXCERPT:
+        return repr(raw)
+    return f"{raw[:_EXCERPT]!r}... ({len(raw)} bytes)"
+
+
 def _pax_size(data: bytes, path: str) -> int | None:
     """The `size` value of a pax extended-header data block, or None if absent."""
     pos = 0
@@ -95,10 +106,10 @@ def _pax_size(data: bytes, path: str) -> int | None:
         sp = data.find(b" ", pos)
         if sp < 0:
             raise FormatError(path, "pax record", f"no length at offset {pos}")
-        try:
-            length = int(data[pos:sp])
-        except ValueError:
-            raise FormatError(path, "pax record", f"bad length {data[pos:sp]!r}") from None
+        digits = data[pos:sp]
+        if not digits.isdigit() or len(digits) > MAX_SIZE_DIGITS:
+            raise FormatError(path, "pax record", f"bad length {_excerpt(digits)} at offset {pos}")
+        length = int(digits)
         if length <= sp - pos + 1 or pos + length > len(data) or data[pos + length - 1] != 0x0A:
             raise FormatError(path, "pax record", f"malformed record at offset {pos}")
         key, eq, value = data[sp + 1 : pos + length - 1].partition(b"=")
@@ -106,7 +117,9 @@ def _pax_size(data: bytes, path: str) -> int | None:
             raise FormatError(path, "pax record", f"no '=' in record at offset {pos}")
         if key == b"size":
             if not value.isdigit():
-                raise FormatError(path, "pax size", f"not a decimal number: {value!r}")
+                raise FormatError(path, "pax size", f"not a decimal number: {_excerpt(value)}")
+            if len(value) > MAX_SIZE_DIGITS:
+                raise FormatError(path, "pax size", f"{len(value)}-digit number: {_excerpt(value)}")
             size = int(value)
         pos += length
     return size

@@ -11,7 +11,7 @@ import struct
 import uuid as _uuid
 from dataclasses import dataclass
 
-from ..errors import BadMagic, Truncated
+from ..errors import BadMagic, FormatError, Truncated
 
 HT_SPACE = 4096
 HT_STRUCT_SIZE = 390
@@ -27,6 +27,10 @@ FLAG_SEALED = 0x04
 FLAG_SPARSE_RW = 0x10
 
 NULL_UUID = "00000000-0000-0000-0000-000000000000"
+
+# Largest virtual disk: offsets are 50-bit sector numbers (format.md §1.2), so 2^59 bytes. A
+# larger claim is damage, and believing it makes a full read of the disk run practically forever.
+MAX_VIRTUAL_SIZE = 1 << 59
 
 _STRUCT = struct.Struct("<8s16sIIQQQ37s37sHBB256s")
 assert _STRUCT.size == HT_STRUCT_SIZE
@@ -108,6 +112,9 @@ class HeaderTrailer:
             raise BadMagic(path, f"{what}.magic0", f"expected {MAGIC0.hex()}, found {m0.hex()} (not an LSMT layer)")
         if m1 != MAGIC1:
             raise BadMagic(path, f"{what}.magic1", f"expected {MAGIC1.hex()}, found {m1.hex()}")
+        if vsize > MAX_VIRTUAL_SIZE:
+            msg = f"{vsize} bytes exceeds the LSMT maximum of {MAX_VIRTUAL_SIZE} (2^59)"
+            raise FormatError(path, f"{what}.virtual_size", msg)
         return cls(flags, ioff, isize, vsize, _uuid_str(u), _uuid_str(pu), tag.rstrip(b"\0"), ver, sub)
 
 

@@ -11,6 +11,7 @@ import sys
 from array import array
 from bisect import bisect_right
 from collections.abc import Iterable, Iterator, Sequence
+from itertools import compress, repeat
 from typing import NamedTuple
 
 SECTOR = 512
@@ -97,22 +98,47 @@ def compress_raw_index(raw: Iterable[Mapping]) -> list[Mapping]:
     return out
 
 
-class Columns:
-    """An index as parallel lists (sectors): the compact, fast form for big indexes.
+def _u64(values: Iterable[int]) -> array[int]:
+    return values if isinstance(values, array) and values.typecode == "Q" else array("Q", values)
 
-    `tags` is None when every mapping belongs to the same file (tag 0).
+
+def _u32(values: Iterable[int]) -> array[int]:
+    return values if isinstance(values, array) and values.typecode == "I" else array("I", values)
+
+
+def _flags(values: Iterable[int]) -> bytearray:
+    return values if isinstance(values, bytearray) else bytearray(map(bool, values))
+
+
+class Columns:
+    """An index as parallel compact arrays (sectors): offsets and moffsets u64, lengths u32,
+    zeroed and tags one byte each.
+
+    Why arrays: a 1M-entry index as Python lists of ints costs ~150 bytes an entry and every
+    layer of a stack holds one; as arrays it is 22 bytes, and the read path bisects them
+    directly. `tags` is None when every mapping belongs to the same file (tag 0).
     """
 
     __slots__ = ("offs", "lens", "moffs", "zeros", "tags")
 
     def __init__(
-        self, offs: list[int], lens: list[int], moffs: list[int], zeros: list[bool], tags: list[int] | None = None
+        self,
+        offs: Iterable[int],
+        lens: Iterable[int],
+        moffs: Iterable[int],
+        zeros: Iterable[int],
+        tags: Iterable[int] | None = None,
     ) -> None:
-        self.offs = offs
-        self.lens = lens
-        self.moffs = moffs
-        self.zeros = zeros
-        self.tags = tags
+        self.offs = _u64(offs)
+        self.lens = _u32(lens)
+        self.moffs = _u64(moffs)
+        self.zeros = _flags(zeros)
+        self.tags = None if tags is None else tags if isinstance(tags, bytearray) else bytearray(tags)
+        n = len(self.offs)
+        if not len(self.lens) == len(self.moffs) == len(self.zeros) == n or (
+            self.tags is not None and len(self.tags) != n
+        ):
+            raise ValueError("index columns differ in length")
 
     def __len__(self) -> int:
         return len(self.offs)
@@ -128,32 +154,44 @@ class Columns:
         )
 
     def to_mappings(self) -> list[Mapping]:
+        """The index as Mapping tuples: ~150 bytes an entry, for compaction and tests, not reads."""
         new = tuple.__new__
-        tags = self.tags if self.tags is not None else [0] * len(self.offs)
-        cols = zip(self.offs, self.lens, self.moffs, self.zeros, tags, strict=True)
+        tags: Iterable[int] = self.tags if self.tags is not None else repeat(0, len(self.offs))
+        cols = zip(self.offs, self.lens, self.moffs, map(bool, self.zeros), tags, strict=True)
         return [new(Mapping, c) for c in cols]
 
+    def data_sectors(self) -> int:
+        """Sectors backed by data (not zeroed)."""
+        return sum(compress(self.lens, map((1).__xor__, self.zeros)))
 
-def decode_columns(raw: bytes | memoryview) -> Columns:
-    """Decode packed records, dropping invalid (padding) and empty ones; tags are discarded
-    (every reader resets them)."""
-    words = array("Q")
-    words.frombytes(memoryview(raw)[: len(raw) - len(raw) % RECORD_SIZE])
+
+def decode_words(words: array[int]) -> Columns:
+    """Decode records given as little-endian u64 words (two per record), dropping invalid (padding)
+    and empty ones; tags are discarded (every reader resets them).
+
+    Works on strided views of `words` so that no per-entry Python objects are kept."""
     if sys.byteorder != "little":
         words.byteswap()
-    lo = words[0::2]
-    hi = words[1::2]
-    offs = [x & _OFF_MASK for x in lo]
-    lens = [x >> 50 for x in lo]
-    moffs = [x & _MOFF_MASK for x in hi]
-    zeros = [bool(x >> 55 & 1) for x in hi]
+    view = memoryview(words)
+    lo, hi = view[0::2], view[1::2]
+    offs = array("Q", map(_OFF_MASK.__and__, lo))
+    lens = array("I", map((50).__rrshift__, lo))
+    moffs = array("Q", map(_MOFF_MASK.__and__, hi))
+    zeros = bytearray(map((1).__and__, map((55).__rrshift__, hi)))
     if INVALID_OFFSET in offs or 0 in lens:
-        keep = [i for i, (o, n) in enumerate(zip(offs, lens, strict=True)) if o != INVALID_OFFSET and n]
-        offs = [offs[i] for i in keep]
-        lens = [lens[i] for i in keep]
-        moffs = [moffs[i] for i in keep]
-        zeros = [zeros[i] for i in keep]
+        keep = bytearray(o != INVALID_OFFSET and n != 0 for o, n in zip(offs, lens, strict=True))
+        offs = array("Q", compress(offs, keep))
+        lens = array("I", compress(lens, keep))
+        moffs = array("Q", compress(moffs, keep))
+        zeros = bytearray(compress(zeros, keep))
     return Columns(offs, lens, moffs, zeros)
+
+
+def decode_columns(raw: bytes | bytearray | memoryview) -> Columns:
+    """`decode_words` over packed record bytes (a trailing partial record is ignored)."""
+    words = array("Q")
+    words.frombytes(memoryview(raw)[: len(raw) - len(raw) % RECORD_SIZE])
+    return decode_words(words)
 
 
 def merge_columns(levels: Sequence[Columns]) -> Columns:
@@ -162,28 +200,32 @@ def merge_columns(levels: Sequence[Columns]) -> Columns:
     position from the top (upstream `merge_indexes`)."""
     if len(levels) == 1:
         c = levels[0]
-        return Columns(c.offs, c.lens, c.moffs, c.zeros, [0] * len(c))
-    ends = [[o + n for o, n in zip(c.offs, c.lens, strict=True)] for c in levels]
-    o_offs: list[int] = []
-    o_lens: list[int] = []
-    o_moffs: list[int] = []
-    o_zeros: list[bool] = []
-    o_tags: list[int] = []
+        return Columns(c.offs, c.lens, c.moffs, c.zeros, bytearray(len(c)))
+    o_offs: array[int] = array("Q")
+    o_lens: array[int] = array("I")
+    o_moffs: array[int] = array("Q")
+    o_zeros = bytearray()
+    o_tags = bytearray()
     depth = len(levels)
 
     def fill(level: int, begin: int, end: int) -> None:
         while level < depth:
             c = levels[level]
-            offs, moffs, zeros = c.offs, c.moffs, c.zeros
-            lvl_ends = ends[level]
-            i = bisect_right(lvl_ends, begin)  # first mapping ending after `begin`
+            offs, lens, moffs, zeros = c.offs, c.lens, c.moffs, c.zeros
+            # first mapping ending after `begin` (sorted, non-overlapping: the one starting at or
+            # before it, if it reaches past it, else the next); no per-level array of ends is built
+            i = bisect_right(offs, begin) - 1
+            if i < 0 or offs[i] + lens[i] <= begin:
+                i += 1
             n = len(offs)
             while i < n and offs[i] < end:
                 off = offs[i]
                 if off > begin:
                     fill(level + 1, begin, off)
                     begin = off
-                stop = lvl_ends[i] if lvl_ends[i] < end else end
+                stop = off + lens[i]
+                if stop > end:
+                    stop = end
                 z = zeros[i]
                 o_offs.append(begin)
                 o_lens.append(stop - begin)

@@ -7,12 +7,14 @@ allocation or a wrong read.
 
 from __future__ import annotations
 
-from operator import le
+from array import array
+from itertools import compress, islice
+from operator import add, le
 
 from ..errors import BadIndex, BadMagic, Truncated
 from ..fileio import RandomAccessFile, read_exact
 from .header import HT_SPACE, HeaderTrailer
-from .mapping import RECORD_SIZE, SECTOR, Columns, Mapping, decode_columns
+from .mapping import RECORD_SIZE, SECTOR, Columns, Mapping, decode_words
 from .segments import SegmentTable, check_aligned, zero_fill
 
 MAX_RO_INDEX_SIZE = 1_000_000  # upstream MAX_LSMT_RO_INDEX_SIZE
@@ -22,12 +24,12 @@ HEADER_SECTORS = HT_SPACE // SECTOR
 def validate_index(path: str, index: Columns, lo: int, hi: int, where: str = "index") -> None:
     """Sorted, non-overlapping, data inside file sectors [lo, hi) (zeroed: lo <= moffset <= hi).
 
-    The common all-good case runs as C-level scans; the slow loop only locates a failure."""
+    The common all-good case runs as C-level scans that keep nothing per entry; the slow loop
+    only locates a failure."""
     offs, lens, moffs, zeros = index.offs, index.lens, index.moffs, index.zeros
-    ends = [o + n for o, n in zip(offs, lens, strict=True)]
-    ordered = all(map(le, ends, offs[1:]))
-    data_ends = [m + n for m, n, z in zip(moffs, lens, zeros, strict=True) if not z]
-    in_range = not moffs or (min(moffs) >= lo and max(moffs) <= hi and (not data_ends or max(data_ends) <= hi))
+    ordered = all(map(le, map(add, offs, lens), islice(offs, 1, None)))
+    data_end = max(compress(map(add, moffs, lens), map((1).__xor__, zeros)), default=lo)
+    in_range = not moffs or (min(moffs) >= lo and max(moffs) <= hi and data_end <= hi)
     if ordered and in_range:
         return
     prev_end = -1
@@ -55,18 +57,16 @@ class ReadOnlyLayer:
         self.header = header
         self.trailer = trailer
         self.index = index
-        self._mappings: list[Mapping] | None = None
         self.vsize = trailer.virtual_size
         self.uuid = trailer.uuid
         self.parent_uuid = trailer.parent_uuid
-        self.table = SegmentTable(index, [f.pread_into])
+        self.table = SegmentTable(index, [f.pread_into])  # shares the index arrays, no copy
 
     @property
     def mappings(self) -> list[Mapping]:
-        """Sorted index with tags reset to 0 (built on first use; big indexes stay columnar)."""
-        if self._mappings is None:
-            self._mappings = self.index.to_mappings()
-        return self._mappings
+        """Sorted index with tags reset to 0, as new Mapping tuples on each use (~150 bytes an
+        entry: for compaction and tests; reads and statistics use the compact `index`)."""
+        return self.index.to_mappings()
 
     def size(self) -> int:
         return self.vsize
@@ -124,8 +124,9 @@ def read_trailer(f: RandomAccessFile) -> tuple[HeaderTrailer, HeaderTrailer, int
     return header, trailer, trailer_off
 
 
-def read_index_bytes(f: RandomAccessFile) -> tuple[HeaderTrailer, HeaderTrailer, bytes]:
-    """Header, trailer and the raw index records of a sealed/committed layer.
+def read_index_words(f: RandomAccessFile) -> tuple[HeaderTrailer, HeaderTrailer, array[int]]:
+    """Header, trailer and the raw index records of a sealed/committed layer as u64 words
+    (little-endian as on disk), read straight into the array (no bytes copy).
 
     The trailer's index fields are checked against the file size before anything is
     allocated, so a damaged trailer cannot make us read or allocate a claimed size.
@@ -139,21 +140,33 @@ def read_index_bytes(f: RandomAccessFile) -> tuple[HeaderTrailer, HeaderTrailer,
         raise BadIndex(name, "trailer.index_offset", f"{trailer.index_offset} lies inside the header")
     if trailer.index_offset > trailer_off:
         raise Truncated(name, "trailer.index_offset", f"{trailer.index_offset} is beyond the trailer at {trailer_off}")
-    if count * RECORD_SIZE > trailer_off - trailer.index_offset:
+    size = count * RECORD_SIZE
+    if size > trailer_off - trailer.index_offset:
         raise Truncated(
             name,
             "trailer.index_size",
-            f"{count} records ({count * RECORD_SIZE} bytes) do not fit between index_offset "
+            f"{count} records ({size} bytes) do not fit between index_offset "
             f"{trailer.index_offset} and the trailer at {trailer_off}",
         )
-    return header, trailer, read_exact(f, count * RECORD_SIZE, trailer.index_offset, "index")
+    words = array("Q", [0]) * (2 * count)
+    with memoryview(words) as view, view.cast("B") as raw:
+        got = f.pread_into(raw, trailer.index_offset)
+    if got != size:
+        raise Truncated(name, "index", f"need {size} bytes at offset {trailer.index_offset}, file has only {got}")
+    return header, trailer, words
+
+
+def read_index_bytes(f: RandomAccessFile) -> tuple[HeaderTrailer, HeaderTrailer, bytes]:
+    """`read_index_words` as packed record bytes (for readers that decode records themselves)."""
+    header, trailer, words = read_index_words(f)
+    return header, trailer, words.tobytes()
 
 
 def open_ro(f: RandomAccessFile) -> ReadOnlyLayer:
     """Open a sealed or committed layer from an already unwrapped byte source."""
     name = f.name
-    header, trailer, raw = read_index_bytes(f)
-    index = decode_columns(raw)
-    del raw
+    header, trailer, words = read_index_words(f)
+    index = decode_words(words)
+    del words
     validate_index(name, index, HEADER_SECTORS, trailer.index_offset // SECTOR)
     return ReadOnlyLayer(f, header, trailer, index)

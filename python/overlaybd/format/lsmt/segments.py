@@ -1,7 +1,8 @@
-"""Read-side lookup table: a sorted, non-overlapping index flattened into parallel lists in bytes.
+"""Read-side lookups over a sorted, non-overlapping index (its compact Columns, in sectors).
 
-This is the hot path of every image read. The lists are built once per layer/stack, a lookup
-is one `bisect`, and data is read straight into slices of the caller's buffer with the source
+This is the hot path of every image read. A lookup is one `bisect` over the offsets array
+(no per-entry table is built, so a 1M-entry index costs its 22 MB once, however it is
+stacked), and data is read straight into slices of the caller's buffer with the source
 file's own `pread_into` (no intermediate bytes objects).
 """
 
@@ -38,57 +39,70 @@ def check_aligned(path: str, offset: int, length: int) -> None:
 
 
 class SegmentTable:
-    """Parallel lists over sorted mappings: starts/ends in bytes, delta = file position - virtual
-    position, and the `pread_into` of the file each mapping points to (None = zeroed)."""
+    """Lookups over a sorted, non-overlapping index kept as its compact Columns (no copy).
 
-    __slots__ = ("starts", "ends", "deltas", "readers")
+    `readers[tag]` is the `pread_into` of the file a mapping's tag points to (tag 0 when the
+    index has no tags). Offsets in the index are sectors; arguments and reads are bytes.
+    """
+
+    __slots__ = ("offs", "lens", "moffs", "zeros", "tags", "readers")
 
     def __init__(self, index: Columns, readers: Sequence[Reader]) -> None:
-        offs, lens, moffs, zeros, tags = index.offs, index.lens, index.moffs, index.zeros, index.tags
-        self.starts: list[int] = [o * SECTOR for o in offs]
-        self.ends: list[int] = [(o + n) * SECTOR for o, n in zip(offs, lens, strict=True)]
-        self.deltas: list[int] = [(m - o) * SECTOR for m, o in zip(moffs, offs, strict=True)]
-        if tags is None:
-            rd = readers[0] if readers else None
-            self.readers: list[Reader | None] = [None if z else rd for z in zeros]
-        else:
-            self.readers = [None if z else readers[t] for z, t in zip(zeros, tags, strict=True)]
+        self.offs = index.offs
+        self.lens = index.lens
+        self.moffs = index.moffs
+        self.zeros = index.zeros
+        self.tags = index.tags
+        self.readers = tuple(readers)
+
+    def _reader(self, i: int) -> Reader | None:
+        """The reader of mapping `i`, or None when it is zeroed."""
+        if self.zeros[i]:
+            return None
+        return self.readers[self.tags[i] if self.tags is not None else 0]
 
     def read_into(self, buf: memoryview, offset: int, gap: GapFiller = zero_fill) -> None:
         """Fill all of `buf` with virtual bytes from `offset`; unmapped ranges go to `gap`."""
         n = len(buf)
         end = offset + n
-        i = bisect_right(self.starts, offset) - 1
-        if i >= 0 and end <= self.ends[i]:
-            # fast path: the whole request lies in one mapping
-            rd = self.readers[i]
-            if rd is None:
-                zero_fill(buf)
+        offs, lens = self.offs, self.lens
+        i = bisect_right(offs, offset // SECTOR) - 1
+        if i >= 0:
+            start = offs[i]
+            stop = (start + lens[i]) * SECTOR
+            if end <= stop:
+                # fast path: the whole request lies in one mapping
+                rd = self._reader(i)
+                if rd is None:
+                    zero_fill(buf)
+                    return
+                got = rd(buf, offset + (self.moffs[i] - start) * SECTOR)
+                if got != n:
+                    zero_fill(buf[got:])  # truncated source tail reads as zeros, like upstream
                 return
-            got = rd(buf, offset + self.deltas[i])
-            if got != n:
-                zero_fill(buf[got:])  # truncated source tail reads as zeros, like upstream
-            return
-        if i < 0 or self.ends[i] <= offset:
-            i += 1
-        starts, ends, deltas, readers = self.starts, self.ends, self.deltas, self.readers
-        count = len(starts)
+            if stop <= offset:
+                i += 1
+        else:
+            i = 0
+        count = len(offs)
         pos = offset
         while pos < end:
-            if i >= count or starts[i] >= end:
+            if i >= count or offs[i] * SECTOR >= end:
                 gap(buf[pos - offset :], pos)
                 return
-            s = starts[i]
-            if s > pos:
-                gap(buf[pos - offset : s - offset], pos)
-                pos = s
-            stop = ends[i] if ends[i] < end else end
+            start = offs[i] * SECTOR
+            if start > pos:
+                gap(buf[pos - offset : start - offset], pos)
+                pos = start
+            stop = start + lens[i] * SECTOR
+            if stop > end:
+                stop = end
             view = buf[pos - offset : stop - offset]
-            rd = readers[i]
+            rd = self._reader(i)
             if rd is None:
                 zero_fill(view)
             else:
-                got = rd(view, pos + deltas[i])
+                got = rd(view, pos + (self.moffs[i] - offs[i]) * SECTOR)
                 if got != len(view):
                     zero_fill(view[got:])
             pos = stop

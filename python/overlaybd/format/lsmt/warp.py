@@ -134,20 +134,20 @@ class WarpLayer(ReadOnlyLayer):
     """
 
     def __init__(
-        self, sources: WarpSources, header: HeaderTrailer, trailer: HeaderTrailer, index: Columns, tags: list[int]
+        self, sources: WarpSources, header: HeaderTrailer, trailer: HeaderTrailer, index: Columns, tags: Sequence[int]
     ) -> None:
         super().__init__(sources, header, trailer, index)
         self.sources = sources
         self.layer_file = sources.own
         self.target = sources.target
-        self.tags = tags
+        self.tags = bytearray(tags)  # one byte an entry (each is 0 or 1)
 
     @property
     def tagged_mappings(self) -> list[Mapping]:
         idx = self.index
         out = []
         for o, n, m, z, t in zip(idx.offs, idx.lens, idx.moffs, idx.zeros, self.tags, strict=True):
-            out.append(Mapping(o, n, m - TARGET_BASE_SECTOR if (t == TAG_REMOTE and not z) else m, z, t))
+            out.append(Mapping(o, n, m - TARGET_BASE_SECTOR if (t == TAG_REMOTE and not z) else m, bool(z), t))
         return out
 
     def __repr__(self) -> str:
