@@ -43,6 +43,7 @@ import struct
 import threading
 import time
 from array import array
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -297,6 +298,7 @@ class BlobStore:
         self._hash = hashlib.sha256()
         self._hashed = 0
         self._hash_gen = -1
+        self._hash_queued = False
         # Pages whose crc32c this open has checked (or written). Re-checking every read would cost more
         # than the read itself; the header generation tells us when someone else evicted the blob.
         self.verified = bytearray(self.npages)
@@ -412,7 +414,7 @@ class BlobStore:
         return self.generation() == gen  # evicted during the read: the bytes may be from the new, empty file
 
     def close_files(self) -> None:
-        with self._lock:
+        with self._hash_lock, self._lock:  # not under the hasher's feet: it reads our fds
             if not self.closed:
                 self.genv.release()
                 self._hdr.close()
@@ -526,19 +528,43 @@ class BlobStore:
             METRICS.error("cache_write")
             self.disabled = True
             return
-        self._hash_advance(start, data, gen)
+        if start <= self._hashed:
+            self._kick_hash()
         self.cache.account((count - before) * PAGE)
         if whole:
             self.verify_complete()
 
-    def _hash_advance(self, start: int, data: memoryview, gen: int) -> None:
-        """Extend the running sha256 with a stored span that continues it (a sequential stream)."""
+    def _kick_hash(self) -> None:
+        """Have the hasher thread extend the running sha256 over the pages now stored in order (off the cache
+        writer, whose speed bounds how far fetches may run ahead)."""
+        with self._lock:
+            if self._hash_queued or self.closed:
+                return
+            self._hash_queued = True
+        _hasher().submit(self._hash_catch_up)
+
+    def _hash_catch_up(self) -> None:
+        """Extend the running sha256 from `_hashed` over the pages present on disk (page cache), in order."""
         with self._hash_lock:
+            with self._lock:
+                self._hash_queued = False
+                if self.closed:
+                    return
+                gen = self.generation()
             if self._hash_gen != gen:
                 self._hash, self._hashed, self._hash_gen = hashlib.sha256(), 0, gen
-            if start <= self._hashed < start + len(data):
-                self._hash.update(data[self._hashed - start :])  # releases the GIL for large spans
-                self._hashed = start + len(data)
+            buf = memoryview(bytearray(HASH_CHUNK_PAGES * PAGE))
+            while self._hashed < self.size:
+                first = self._hashed // PAGE
+                marks = self.records(first, min(HASH_CHUNK_PAGES, self.npages - first))[1::2]
+                run = marks.index(0) if 0 in marks else len(marks)  # records are 0 or MARK (swept at open)
+                if not run:
+                    return
+                n = min(run * PAGE, self.size - self._hashed)
+                if os.preadv(self.data_fd, [buf[:n]], self._hashed) != n or self.generation() != gen:
+                    return
+                self._hash.update(buf[:n])  # releases the GIL for large spans
+                self._hashed += n
 
     def verify_complete(self, at_open: bool = False) -> bool:
         """Every page is present: check the blob's sha256 against its digest before marking it complete.
@@ -597,6 +623,19 @@ class BlobStore:
     def _page_ok(self, i: int, crc: int, buf: memoryview) -> bool:
         n = min(PAGE, self.size - i * PAGE)
         return os.preadv(self.data_fd, [buf[:n]], i * PAGE) == n and crc32c(buf[:n]) == crc
+
+
+HASH_CHUNK_PAGES = 1024  # the hasher reads 4 MiB at a time
+_hasher_pool: list[ThreadPoolExecutor] = []
+_hasher_lock = threading.Lock()
+
+
+def _hasher() -> ThreadPoolExecutor:
+    """One thread per process extends the running sha256 of blobs being filled in order."""
+    with _hasher_lock:
+        if not _hasher_pool:
+            _hasher_pool.append(ThreadPoolExecutor(max_workers=1, thread_name_prefix="overlaybd-cache-hash"))
+        return _hasher_pool[0]
 
 
 _caches: dict[str, BlockCache] = {}
