@@ -89,8 +89,8 @@ def report(title: str, ours: str, ref: str, rows: dict[str, tuple[dict, dict]]) 
 
 def bench_host(work: Path, commit: Path, raw: Path, seconds: int) -> None:
     from overlaybd.fuse.control import FuseFrontend
-    from overlaybd.fuse.device import default_opener
     from overlaybd.host import loop
+    from overlaybd.image.frontend import default_opener
 
     cfg = work / "ro.json"
     cfg.write_text(json.dumps({"lowers": [{"file": str(commit)}]}))

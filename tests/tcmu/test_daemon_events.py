@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import errno
 
+from overlaybd.daemon.main import choose_frontend
 from overlaybd.tcmu import netlink as nl
-from overlaybd.tcmu.daemon import TcmuFrontend, choose_frontend
+from overlaybd.tcmu.frontend import TcmuFrontend
 
 
 class FakeNetlink:

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 from overlaybd.tcmu import ring as R
-from overlaybd.tcmu.device import CommandProcessor
+from overlaybd.tcmu.backstore import CommandProcessor
 from overlaybd.tcmu.scsi import ScsiDisk
 from tcmu_fakes import KernelRing, MemImage
 

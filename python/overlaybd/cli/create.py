@@ -101,15 +101,13 @@ def run_mkfs(target: str, name: str) -> None:
 
 
 def mkfs_layer(layer: Any, name: str) -> None:
-    """Format an open writable LSMT layer through FUSE + a loop device; always closes the layer.
+    """Format an open writable LSMT layer through FUSE + a loop device (`fuse.FileDevice`); always closes it.
 
-    Teardown runs in reverse on every path (detach the loop device, unmount FUSE and join its
-    threads, remove the run directory); the layer is fsynced only after a successful mkfs,
-    and an fsync failure is an error (unlike a device's close, nobody would see a log line).
+    The layer is fsynced only after a successful mkfs, and an fsync failure is an error (unlike a
+    device's close, nobody would see a log line).
     """
     from ..format import lsmt
-    from ..fuse.server import FuseFileServer
-    from ..host import loop
+    from ..fuse.file_device import FileDevice
 
     try:
         stack = lsmt.Stack([], upper=layer)
@@ -118,23 +116,17 @@ def mkfs_layer(layer: Any, name: str) -> None:
         raise
     try:
         run_dir = tempfile.mkdtemp(prefix="obd-create-")
-        image_file = os.path.join(run_dir, "layer.img")
         try:
-            server = FuseFileServer(stack, image_file, read_only=False, threads=2)
+            dev = FileDevice(stack, os.path.join(run_dir, "layer.img"), read_only=False, threads=2)
             try:
-                server.start()
-                try:
-                    device = loop.attach(image_file)
-                    try:
-                        run_mkfs(device, name)
-                    finally:
-                        loop.detach(device)
-                finally:
-                    server.stop()
+                device = dev.start()
             except (OSError, RuntimeError) as e:
                 raise ToolError(f"{name}: mkfs through a loop device: {e}") from e
+            try:
+                run_mkfs(device, name)
+            finally:
+                dev.stop()
         finally:
-            _remove(image_file)  # the (unmounted) mountpoint file
             os.rmdir(run_dir)
         stack.fsync()
     finally:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import sys
 
 from overlaybd import __version__
@@ -26,27 +24,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fuse-run-dir", default=None, help="where FUSE image files are mounted")
     args = p.parse_args(argv)
 
-    from overlaybd.config.schema import ConfigError
-    from overlaybd.config.service import default_service_config, load_service_config
-    from overlaybd.fuse.control import DEFAULT_RUN_DIR, DEFAULT_SOCKET
-    from overlaybd.tcmu.daemon import run, setup_logging
+    from overlaybd.daemon.main import main as daemon_main
 
-    try:
-        if os.path.exists(args.config) or args.config != DEFAULT_CONFIG:
-            service = load_service_config(args.config)
-        else:
-            service = default_service_config()
-    except ConfigError as e:
-        print(f"overlaybd-tcmu: {e}", file=sys.stderr)
-        return 2
-    setup_logging(service)
-    if not os.path.exists(args.config):
-        logging.getLogger("overlaybd-tcmu").warning("%s missing: using defaults", args.config)
-    return run(
-        service,
+    return daemon_main(
+        args.config,
+        default_path=args.config == DEFAULT_CONFIG,
         frontend=args.frontend,
-        fuse_socket=args.fuse_socket or DEFAULT_SOCKET,
-        fuse_run_dir=args.fuse_run_dir or DEFAULT_RUN_DIR,
+        fuse_socket=args.fuse_socket,
+        fuse_run_dir=args.fuse_run_dir,
     )
 
 

@@ -53,18 +53,27 @@ class Options:
 
 @contextlib.contextmanager
 def writable_device(config: str, work: str) -> Iterator[str]:
-    """The FUSE frontend serving `config` in this process, loop-attached; always torn down."""
-    from ..fuse.device import FuseDevice, default_opener
+    """`config` served in this process through FUSE + a loop device; always torn down, flushed after success."""
+    from ..fuse.file_device import FileDevice
+    from ..image import open_image
 
-    dev = FuseDevice(config, f"conv-{uuid.uuid4().hex[:8]}", os.path.join(work, "run"), default_opener())
     try:
-        path = dev.start()
+        image = open_image(config)
     except Exception as e:
         raise ConvertError(f"{config}: cannot attach a device: {e}") from e
     try:
-        yield path
+        dev = FileDevice(image, os.path.join(work, "run", f"conv-{uuid.uuid4().hex[:8]}.img"))
+        try:
+            path = dev.start()
+        except Exception as e:
+            raise ConvertError(f"{config}: cannot attach a device: {e}") from e
+        try:
+            yield path
+        finally:
+            dev.stop()
+        image.fsync()  # the layer is committed next: its writes must be on disk
     finally:
-        dev.stop()
+        image.close()
 
 
 def build_layer(index: int, layer_stream: Any, layer_name: str, lowers: list[str], work: str, opts: Options) -> str:

@@ -2,7 +2,7 @@
 
 The FUSE mount *is* the file: we mount over a regular file with rootmode=S_IFREG, so the kernel's
 root inode is the image and there is no directory to look up. A loop device on top of it gives a
-block device (see `loop.py`). Worker threads each read one request at a time from the same
+block device (see `file_device.py`). Worker threads each read one request at a time from the same
 /dev/fuse fd, so a slow remote read never blocks other requests.
 """
 
@@ -16,9 +16,9 @@ import os
 import stat
 import threading
 import time
-from typing import Protocol
 
 from overlaybd.fuse import protocol as P
+from overlaybd.image.frontend import BlockImage
 
 log = logging.getLogger(__name__)
 
@@ -27,18 +27,6 @@ READ_BUFFER = MAX_WRITE + 64 * 1024  # a request header plus the largest WRITE p
 MS_NOSUID = 2
 MS_NODEV = 4
 MNT_DETACH = 2
-
-
-class BlockImage(Protocol):
-    """What a frontend needs from an opened image (overlaybd.image.open_image returns one)."""
-
-    read_only: bool
-
-    def size(self) -> int: ...
-    def pread_into(self, buf: memoryview, offset: int) -> int: ...
-    def pwrite(self, data: bytes | memoryview, offset: int) -> int: ...
-    def discard(self, offset: int, length: int) -> None: ...
-    def fsync(self) -> None: ...
 
 
 class FuseError(RuntimeError):
@@ -95,13 +83,17 @@ class FuseFileServer:
         log.info("fuse: %s serving %d bytes (%s)", self.mountpoint, self._size, "ro" if self.read_only else "rw")
 
     def stop(self) -> None:
-        """Unmount (lazily, so a still-attached loop device does not block) and join the workers."""
+        """Unmount and join the workers; a file still held open (a loop device) is detached lazily, with a warning."""
         if self._fd < 0:
             return
         self._stopping.set()
         libc = _libc()
-        if libc.umount2(self.mountpoint.encode(), MNT_DETACH) != 0:
-            log.warning("fuse: umount %s: %s", self.mountpoint, os.strerror(ctypes.get_errno()))
+        if libc.umount2(self.mountpoint.encode(), 0) != 0:
+            err = ctypes.get_errno()
+            if err == errno.EBUSY:
+                log.warning("fuse: %s is still open (loop device?): unmounting lazily", self.mountpoint)
+            if libc.umount2(self.mountpoint.encode(), MNT_DETACH) != 0:
+                log.warning("fuse: umount %s: %s", self.mountpoint, os.strerror(ctypes.get_errno()))
         for t in self._workers:
             t.join(timeout=5)
         os.close(self._fd)

@@ -62,10 +62,6 @@ class Command:
     cdb: bytes
     iovs: list[memoryview]
 
-    @property
-    def data_length(self) -> int:
-        return sum(len(v) for v in self.iovs)
-
 
 class RingError(ValueError):
     """The mailbox or a ring entry is not what the kernel ABI says; names the field."""

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 
 from overlaybd.format.errors import FormatError, ReadOnly
-from overlaybd.fuse.server import BlockImage
+from overlaybd.image.frontend import BlockImage
 
 log = logging.getLogger(__name__)
 

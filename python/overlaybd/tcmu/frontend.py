@@ -1,57 +1,23 @@
-"""overlaybd-tcmu: serve overlaybd devices through TCMU, or through FUSE files where TCMU is missing.
+"""The TCMU frontend: every TCMU backstore of this daemon, driven by TCM-USER netlink events.
 
-TCMU mode: listen on the TCM-USER netlink family; ADDED_DEVICE opens the image named by the
-cfgstring and replies (so `enable` fails when the open fails); REMOVED_DEVICE closes it. At start,
-backstores that already exist (the daemon was restarted by systemd) are re-opened and the
-commands still on their rings are completed. FUSE mode: see overlaybd.fuse.control.
+ADDED_DEVICE opens the image named by the cfgstring and replies (so `enable` fails when the open
+fails); REMOVED_DEVICE closes it. At start, backstores that already exist (the daemon was
+restarted by systemd) are re-opened and the commands still on their rings are completed.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
-import logging.handlers
-import os
-import resource
-import select
-import signal
-import threading
-from collections.abc import Callable
-from typing import Any
 
-from overlaybd.fuse.control import DEFAULT_RUN_DIR, DEFAULT_SOCKET, FuseFrontend
-from overlaybd.fuse.device import default_opener
-from overlaybd.fuse.server import BlockImage
+from overlaybd.image.frontend import ImageOpener
 from overlaybd.tcmu import configfs
-from overlaybd.tcmu.device import TcmuDevice, UioDevice
+from overlaybd.tcmu.backstore import TcmuDevice, UioDevice
 from overlaybd.tcmu.scsi import DeviceInfo, ScsiDisk
 
 log = logging.getLogger("overlaybd-tcmu")
 
 TCMU_PARAMS = "/sys/module/target_core_user/parameters"
-
-
-def setup_logging(service: Any, to_stderr: bool = True) -> None:
-    """Log to logConfig.logPath (rotated by size) and stderr (journald); level from logConfig.logLevel."""
-    level = {0: logging.DEBUG, 1: logging.INFO, 2: logging.WARNING}.get(service.log_config.log_level, logging.ERROR)
-    handlers: list[logging.Handler] = []
-    if to_stderr:
-        handlers.append(logging.StreamHandler())
-    path = service.log_config.log_path
-    if path:
-        try:
-            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-            lc = service.log_config
-            handlers.append(
-                logging.handlers.RotatingFileHandler(
-                    path, maxBytes=lc.log_size_mb << 20, backupCount=max(lc.log_rotate_num, 0)
-                )
-            )
-        except OSError as e:
-            print(f"overlaybd-tcmu: cannot log to {path}: {e}")
-    logging.basicConfig(
-        level=level, handlers=handlers, force=True, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
 
 
 def _set_param(name: str, value: str) -> None:
@@ -75,7 +41,7 @@ class TcmuFrontend:
 
     def __init__(
         self,
-        opener: Callable[[str], BlockImage],
+        opener: ImageOpener,
         *,
         workers: int = 8,
         read_retry_seconds: float = 30.0,
@@ -178,70 +144,3 @@ class TcmuFrontend:
             self.close_device(minor)
         if self.netlink:
             self.netlink.close()
-
-
-def choose_frontend(requested: str) -> tuple[str, str]:
-    """("tcmu"|"fuse", why)."""
-    if requested in ("tcmu", "fuse"):
-        return requested, "requested"
-    ok, why = configfs.tcmu_available()
-    return ("tcmu" if ok else "fuse"), why
-
-
-def run(
-    service: Any,
-    *,
-    frontend: str = "auto",
-    fuse_socket: str = DEFAULT_SOCKET,
-    fuse_run_dir: str = DEFAULT_RUN_DIR,
-    opener: Callable[[str], BlockImage] | None = None,
-    ready: threading.Event | None = None,
-    stop: threading.Event | None = None,
-) -> int:
-    """Run until SIGTERM/SIGINT (or `stop`); returns the exit code."""
-    opener = opener or default_opener(service)
-    stop = stop or threading.Event()
-    stop_r, stop_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-
-    def on_signal(signum: int, _frame: object) -> None:
-        log.info("signal %d: shutting down", signum)
-        stop.set()
-        os.write(stop_w, b"x")
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
-    threading.Thread(target=lambda: (stop.wait(), os.write(stop_w, b"x")), daemon=True).start()
-
-    try:  # one fd per layer file per device, as upstream raises it
-        resource.setrlimit(resource.RLIMIT_NOFILE, (1 << 20, 1 << 20))
-    except (ValueError, OSError):
-        pass
-    kind, why = choose_frontend(frontend)
-    log.info("frontend: %s (%s)", kind, why)
-    if kind == "fuse":
-        fe = FuseFrontend(opener, socket_path=fuse_socket, run_dir=fuse_run_dir)
-        fe.serve()
-        log.info("fuse: ready")
-        if ready:
-            ready.set()
-        select.select([stop_r], [], [])
-        fe.shutdown()
-        return 0
-    tf = TcmuFrontend(opener, read_retry_seconds=30.0)
-    try:
-        tf.start()
-    except OSError as e:
-        log.error("tcmu: %s", e)
-        return 1
-    log.info("tcmu: ready, serving %d recovered device(s)", len(tf.devices))
-    if ready:
-        ready.set()
-    while True:
-        r, _, _ = select.select([tf.fileno(), stop_r], [], [])
-        if stop_r in r:
-            break
-        tf.handle_events()
-    tf.shutdown()
-    log.info("stopped")
-    return 0
