@@ -5,7 +5,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: all deps venv protos test test-fast lint bench smoke clean bundle sysext butane
+.PHONY: all deps venv protos test test-fast lint bench smoke clean bundle sysext sysext-level butane
 
 all: sysext
 
@@ -15,14 +15,30 @@ FLATCAR_VERSION ?= 4593.2.5
 SYSEXT_ARCH ?= $(subst x86_64,x86-64,$(subst aarch64,arm64,$(shell uname -m)))
 SYSEXT_FORMAT ?= erofs
 BUILD_ARGS ?=
+# RSA private key (PEM) that signs the update payload; empty: build.sh makes a throwaway dev key in out/
+# (out/dev-payload-key.pem, reused by later builds) and says so.
+PAYLOAD_KEY ?=
+# The sysupdate route (make sysext-level): image version and the base URL the images are published at.
+SYSEXT_VERSION ?=
+SYSUPDATE_URL ?=
 
 # Frozen onedir bundle only (= the /usr/local/overlaybd tree) -> out/bundle/.
 bundle: venv
 	./build.sh --bundle-only
 
-# The image -> out/flatcar-overlaybd.raw (+ .sha256, _contents.txt).
+# The lockstep image and its release artifacts -> out/flatcar-overlaybd.raw (+ .sha256), the signed update
+# payload out/flatcar_test_update-flatcar-overlaybd.gz (+ out/update-payload-key.pub.pem) and the listings
+# out/flatcar-overlaybd_{contents,contents_wtd,disk_usage}.txt.
 sysext: venv
-	./build.sh --flatcar-version $(FLATCAR_VERSION) --arch $(SYSEXT_ARCH) --format $(SYSEXT_FORMAT) $(BUILD_ARGS)
+	./build.sh --flatcar-version $(FLATCAR_VERSION) --arch $(SYSEXT_ARCH) --format $(SYSEXT_FORMAT) \
+		$(if $(PAYLOAD_KEY),--payload-key $(PAYLOAD_KEY)) $(BUILD_ARGS)
+
+# The sysupdate route: ID=flatcar + SYSEXT_LEVEL=1.0 image out/overlaybd_<version>_<arch>.raw, out/SHA256SUMS,
+# out/overlaybd.transfer. FLATCAR_VERSION is the oldest release it must run on (glibc check).
+sysext-level: venv
+	./build.sh --sysext-level --flatcar-version $(FLATCAR_VERSION) --arch $(SYSEXT_ARCH) --format $(SYSEXT_FORMAT) \
+		$(if $(SYSEXT_VERSION),--sysext-version $(SYSEXT_VERSION)) $(if $(SYSUPDATE_URL),--sysupdate-url $(SYSUPDATE_URL)) \
+		$(BUILD_ARGS)
 
 # Example Butane config (variant flatcar) -> out/overlaybd.bu; set variables with BUTANE_VARS="--var k=v ...".
 BUTANE_VARS ?=

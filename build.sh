@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
 # Build the flatcar-overlaybd systemd-sysext image.
 #
-#   build.sh --flatcar-version 4593.2.5 [--arch x86-64|arm64] [--format erofs|squashfs] [--portable]
-#            [--out DIR] [--target-glibc X.Y] [--reuse-bundle]
+#   build.sh --flatcar-version 4593.2.5 [--arch x86-64|arm64] [--format erofs|squashfs]
+#            [--payload-key PEM | --no-payload] [--out DIR] [--target-glibc X.Y] [--reuse-bundle]
+#   build.sh --sysext-level --flatcar-version OLDEST [--sysext-version V] [--sysupdate-url URL] ...
 #   build.sh --bundle-only [--out DIR]            # just the frozen onedir -> OUT/bundle
 #   build.sh --print-key --flatcar-version V ...  # the input key a finished image is stored under
 #
-# Steps: generate protobuf stubs, freeze ONE multi-call executable with PyInstaller (onedir, stripped)
-# into OUT/bundle (= the /usr/local/overlaybd tree: overlaybd, _internal/, bin/<tool> symlinks, etc/,
-# snapshotter/etc/), stage usr/ (bundle, units, tmpfiles, extension-release), check glibc against the
-# target Flatcar release, normalise modes/mtimes, and make OUT/flatcar-overlaybd.raw (erofs lz4hc by
-# default, squashfs zstd with --format squashfs). Same inputs + SOURCE_DATE_EPOCH => same bytes.
+# Lockstep (default, Flatcar's official route): OUT/flatcar-overlaybd.raw with VERSION_ID=<release>,
+# the signed update payload OUT/flatcar_test_update-flatcar-overlaybd.gz (update_engine format, as
+# delta_generator makes it; RSA key from --payload-key, else a throwaway dev key OUT/dev-payload-key.pem)
+# and its public key OUT/update-payload-key.pub.pem, plus Flatcar's listings (_contents.txt,
+# _contents_wtd.txt, _disk_usage.txt). --sysext-level (alias --portable): ID=flatcar + SYSEXT_LEVEL=1.0,
+# named for systemd-sysupdate OUT/overlaybd_<V>_<arch>.raw, with OUT/SHA256SUMS and OUT/overlaybd.transfer.
+# Steps: protobuf stubs, PyInstaller freeze (one multi-call executable) into OUT/bundle, stage usr/,
+# glibc check against the target release, normalise modes/mtimes, mkfs (erofs lz4hc, or squashfs zstd).
+# Same inputs + SOURCE_DATE_EPOCH => same bytes (images and payloads).
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -19,6 +24,10 @@ NAME=flatcar-overlaybd
 FLATCAR_VERSION=""
 FORMAT=erofs
 PORTABLE=0
+SYSEXT_VERSION=""
+SYSUPDATE_URL=""
+PAYLOAD_KEY=""
+NO_PAYLOAD=0
 OUT=$REPO/out
 BUNDLE_ONLY=0
 REUSE_BUNDLE=0
@@ -32,7 +41,7 @@ esac
 ARCH=$HOST_ARCH
 
 die() { echo "build.sh: error: $*" >&2; exit 1; }
-usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -42,7 +51,14 @@ while [ $# -gt 0 ]; do
         --arch=*) ARCH=${1#*=} ;;
         --format) FORMAT=${2:?}; shift ;;
         --format=*) FORMAT=${1#*=} ;;
-        --portable) PORTABLE=1 ;;
+        --portable|--sysext-level) PORTABLE=1 ;;
+        --sysext-version) SYSEXT_VERSION=${2:?}; shift ;;
+        --sysext-version=*) SYSEXT_VERSION=${1#*=} ;;
+        --sysupdate-url) SYSUPDATE_URL=${2:?}; shift ;;
+        --sysupdate-url=*) SYSUPDATE_URL=${1#*=} ;;
+        --payload-key) PAYLOAD_KEY=${2:?}; shift ;;
+        --payload-key=*) PAYLOAD_KEY=${1#*=} ;;
+        --no-payload) NO_PAYLOAD=1 ;;
         --out) OUT=${2:?}; shift ;;
         --out=*) OUT=${1#*=} ;;
         --target-glibc) TARGET_GLIBC=${2:?}; shift ;;
@@ -69,6 +85,22 @@ if [ "$BUNDLE_ONLY" = 0 ]; then
     [[ "$FLATCAR_VERSION" =~ ^[0-9]+\.[0-9]+\.[0-9]+$ ]] || die "--flatcar-version: '$FLATCAR_VERSION' is not MAJOR.MINOR.PATCH"
 fi
 [ -x "$PY" ] || die "python '$PY' not found (run 'make venv' or set PYTHON)"
+if [ "$PORTABLE" = 1 ]; then
+    [ -z "$PAYLOAD_KEY" ] || die "--payload-key: update payloads are for the lockstep image (the official route), not --sysext-level"
+    NO_PAYLOAD=1
+    [ -n "$SYSEXT_VERSION" ] || SYSEXT_VERSION=$("$PY" -c 'import sys; sys.path.insert(0, sys.argv[1]); from overlaybd import __version__; print(__version__)' "$REPO/python")
+    [[ "$SYSEXT_VERSION" =~ ^[0-9A-Za-z][0-9A-Za-z.+~-]*$ ]] || die "--sysext-version: '$SYSEXT_VERSION' is not a version (letters, digits, . + ~ -; no '_')"
+    [ -n "$SYSUPDATE_URL" ] || SYSUPDATE_URL=https://example.invalid/overlaybd/
+    [[ "$SYSUPDATE_URL" =~ ^https?://[^[:space:]]+$ ]] || die "--sysupdate-url: '$SYSUPDATE_URL' is not an http(s) URL"
+else
+    [ -z "$SYSEXT_VERSION" ] || die "--sysext-version needs --sysext-level (the lockstep image is versioned by --flatcar-version)"
+    [ -z "$SYSUPDATE_URL" ] || die "--sysupdate-url needs --sysext-level"
+fi
+if [ -n "$PAYLOAD_KEY" ]; then
+    [ "$NO_PAYLOAD" = 0 ] || die "--payload-key and --no-payload exclude each other"
+    [ -r "$PAYLOAD_KEY" ] || die "--payload-key: '$PAYLOAD_KEY' is not a readable file"
+    PAYLOAD_KEY=$(cd "$(dirname "$PAYLOAD_KEY")" && pwd)/$(basename "$PAYLOAD_KEY")
+fi
 
 if [ -z "${SOURCE_DATE_EPOCH:-}" ]; then
     SOURCE_DATE_EPOCH=$(git -C "$REPO" log -1 --format=%ct 2>/dev/null || echo 0)
@@ -78,7 +110,16 @@ export SOURCE_DATE_EPOCH PYTHONHASHSEED=0 LC_ALL=C TZ=UTC
 umask 022
 
 tool() { PYTHONPATH="$REPO/python" "$PY" "$REPO/sysext/buildtool.py" "$@"; }
-key_args=("$FLATCAR_VERSION" "$ARCH" "$FORMAT" "$PORTABLE" "$TARGET_GLIBC" "$SOURCE_DATE_EPOCH")
+if [ -n "$PAYLOAD_KEY" ]; then
+    tool check-key "$PAYLOAD_KEY" >/dev/null || die "--payload-key: '$PAYLOAD_KEY' is not a usable RSA private key"
+    payload_id=$(tool key-id "$PAYLOAD_KEY")
+elif [ "$NO_PAYLOAD" = 1 ]; then
+    payload_id=none
+else
+    payload_id=dev
+fi
+key_args=("$FLATCAR_VERSION" "$ARCH" "$FORMAT" "$PORTABLE" "$TARGET_GLIBC" "$SOURCE_DATE_EPOCH"
+          "$SYSEXT_VERSION" "$SYSUPDATE_URL" "$payload_id")
 if [ "$PRINT_KEY" = 1 ]; then
     tool input-key "$REPO" "${key_args[@]}"
     exit 0
@@ -143,7 +184,7 @@ install -m 0644 "$REPO"/units/*.service "$ROOT/usr/lib/systemd/system/"
 install -m 0644 "$REPO/units/multi-user.target.d/10-overlaybd.conf" "$ROOT/usr/lib/systemd/system/multi-user.target.d/"
 install -m 0644 "$REPO"/usr-etc/tmpfiles.d/*.conf "$ROOT/usr/lib/tmpfiles.d/"
 if [ "$PORTABLE" = 1 ]; then
-    tool extension-release --root "$ROOT" --arch "$ARCH" --portable
+    tool extension-release --root "$ROOT" --arch "$ARCH" --portable --sysext-version "$SYSEXT_VERSION"
 else
     tool extension-release --root "$ROOT" --arch "$ARCH" --flatcar-version "$FLATCAR_VERSION"
 fi
@@ -160,13 +201,20 @@ tool glibc-check "$ROOT/usr" --flatcar-version "$glibc_for" ${TARGET_GLIBC:+--ta
 tool normalize "$ROOT" "$SOURCE_DATE_EPOCH"
 
 # ---- 4. image -------------------------------------------------------------------------------------
-IMG=$OUT/$NAME.raw
+if [ "$PORTABLE" = 1 ]; then
+    IMGBASE=overlaybd_${SYSEXT_VERSION}_${ARCH}
+    SYSEXT_ID=overlaybd
+else
+    IMGBASE=$NAME
+    SYSEXT_ID=$NAME
+fi
+IMG=$OUT/$IMGBASE.raw
 rm -f "$IMG.tmp"
 echo ">> mkfs ($FORMAT)"
 if [ "$FORMAT" = erofs ]; then
     # Fixed UUID and timestamp; erofs-utils 1.5 has no 'fragments' (Flatcar adds -Efragments on >= 1.6).
     uuid=$("$PY" -c 'import sys, uuid; print(uuid.uuid5(uuid.NAMESPACE_URL, "flatcar-overlaybd:" + ":".join(sys.argv[1:])))' \
-        "$FLATCAR_VERSION" "$ARCH" "$PORTABLE" "$SOURCE_DATE_EPOCH")
+        "$FLATCAR_VERSION" "$ARCH" "$PORTABLE" "$SOURCE_DATE_EPOCH" $SYSEXT_VERSION)
     mkfs.erofs -zlz4hc,12 -C65536 -Eztailpacking -x-1 --all-root -T"$SOURCE_DATE_EPOCH" -U"$uuid" \
         --quiet "$IMG.tmp" "$ROOT"
 else
@@ -175,15 +223,57 @@ else
         -quiet -no-progress >/dev/null
 fi
 mv -f "$IMG.tmp" "$IMG"
-tool listing "$ROOT" > "$OUT/${NAME}_contents.txt"
-(cd "$OUT" && sha256sum "$NAME.raw" > "$NAME.raw.sha256")
+(cd "$OUT" && sha256sum "$IMGBASE.raw" > "$IMGBASE.raw.sha256")
+
+# ---- 5. listings, payload, sysupdate files -----------------------------------------------------------
+# The listings Flatcar publishes beside an image (build_library/reports_util.sh formats), made from the
+# image itself, loop-mounted read-only as Flatcar's build does; without root, from the staged tree.
+write_listings() {  # DIR PREFIX
+    (cd "$1" && TZ=UTC find . -printf '%M %2n %-7u %-7g %7s %TY-%Tm-%Td %TH:%TM ./%P -> %l\n' \
+        | sort --key=8 | sed -e 's/ -> $//') > "$2_contents.txt"
+    (cd "$1" && find . -printf '%M %D %i %n %s ./%P\n' | sort --key=6) > "$2_contents_wtd.txt"
+    (cd "$1" && df --human-readable --output='file,size,used,avail,pcent,fstype' ./ \
+        | sed -e 's#^\.\(/[^ ]*\)#\1 #') > "$2_disk_usage.txt"
+}
+mnt=$(mktemp -d "$OUT/.mnt.XXXXXX")
+if [ "$(id -u)" = 0 ] && mount -t "$FORMAT" -o loop,ro "$IMG" "$mnt" 2>/dev/null; then
+    write_listings "$mnt" "$OUT/$IMGBASE" || { umount -d "$mnt"; rmdir "$mnt"; die "listing $IMG failed"; }
+    umount -d "$mnt"
+else
+    echo ">> listings from the staged tree (loop-mounting the image needs root)"
+    write_listings "$ROOT" "$OUT/$IMGBASE"
+fi
+rmdir "$mnt"
+PAYLOAD=$OUT/flatcar_test_update-$NAME.gz
+if [ "$NO_PAYLOAD" = 0 ]; then
+    if [ -z "$PAYLOAD_KEY" ]; then
+        PAYLOAD_KEY=$OUT/dev-payload-key.pem
+        if [ ! -e "$PAYLOAD_KEY" ]; then
+            tool gen-key "$PAYLOAD_KEY"
+            echo ">> NOTE: no --payload-key given: generated a THROWAWAY dev key $PAYLOAD_KEY (machines must trust its public half)"
+        else
+            echo ">> NOTE: no --payload-key given: signing with the dev key $PAYLOAD_KEY"
+        fi
+    fi
+    echo ">> update payload (signed with $PAYLOAD_KEY)"
+    tool payload "$IMG" "$PAYLOAD" --key "$PAYLOAD_KEY" --pubkey-out "$OUT/update-payload-key.pub.pem"
+elif [ "$PORTABLE" = 0 ]; then
+    rm -f "$PAYLOAD"  # --no-payload: no stale payload of an earlier image beside this one
+fi
+if [ "$PORTABLE" = 1 ]; then
+    # systemd-sysupdate's url-file source reads SHA256SUMS from the base URL: list every version in OUT.
+    tool sha256sums "$OUT" 'overlaybd_*_*.raw'
+    tool sysupdate-transfer --url "$SYSUPDATE_URL" > "$OUT/overlaybd.transfer"
+fi
 tool input-key "$REPO" "${key_args[@]}" > "$IMG.key"
 t_end=$(date +%s.%N)
 
-echo ">> contents ($OUT/${NAME}_contents.txt):"
-cat "$OUT/${NAME}_contents.txt"
+echo ">> contents ($OUT/${IMGBASE}_contents.txt):"
+cat "$OUT/${IMGBASE}_contents.txt"
+echo ">> disk usage:"
+cat "$OUT/${IMGBASE}_disk_usage.txt"
 echo ">> extension-release:"
-sed 's/^/   /' "$ROOT/usr/lib/extension-release.d/extension-release.$NAME"
+sed 's/^/   /' "$ROOT/usr/lib/extension-release.d/extension-release.$SYSEXT_ID"
 awk -v img="$IMG" -v fmt="$FORMAT" -v size="$(stat -c %s "$IMG")" -v t0="$t_start" -v t1="$t_bundle" -v t2="$t_end" \
     'BEGIN { printf ">> image: %s (%s, %.1f MiB), build %.1f s (freeze %.1f s)\n", img, fmt, size / 1048576, t2 - t0, t1 - t0 }'
-echo ">> sha256: $(cut -d' ' -f1 "$OUT/$NAME.raw.sha256")"
+echo ">> sha256: $(cut -d' ' -f1 "$OUT/$IMGBASE.raw.sha256")"

@@ -8,6 +8,12 @@ Subcommands (all print to stdout, exit non-zero with a message naming the file/f
   glibc-check ...            compare that with the target Flatcar release's glibc (flatcar-glibc.tsv)
   listing ROOT               contents listing (mode owner size path) of the staged tree
   input-key REPO [ARGS...]   sha256 over every build input (the cache key the tests reuse builds by)
+  gen-key PATH               new throwaway RSA-2048 payload key (PEM, 0600)
+  check-key PATH             fail unless PATH is a usable RSA private key (>= 2048 bits)
+  key-id PATH                sha256 of the key's public half (DER): names the key in the input key
+  payload IMAGE OUT --key K  signed update payload (update_engine format) of IMAGE
+  sha256sums DIR GLOB        DIR/SHA256SUMS over the files matching GLOB (systemd-sysupdate url-file)
+  sysupdate-transfer --url U the systemd-sysupdate transfer file of the --sysext-level image
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 SYSEXT_ID = "flatcar-overlaybd"
+SYSUPDATE_ID = "overlaybd"
 ARCHES = ("x86-64", "arm64")
 ELF_MAGIC = b"\x7fELF"
 GLIBC_RE = re.compile(rb"GLIBC_(\d+(?:\.\d+)+)")
@@ -47,8 +54,14 @@ def cmd_tools(_args: argparse.Namespace) -> None:
         print(name)
 
 
-def extension_release(flatcar_version: str | None, arch: str, portable: bool) -> str:
-    """The extension-release body. Lockstep (VERSION_ID) unless `portable` (SYSEXT_LEVEL=1.0)."""
+def sysext_id(portable: bool) -> str:
+    """Image name = extension-release suffix: Flatcar's official name, or `overlaybd` for the sysupdate route
+    (the name of its /etc/extensions/overlaybd.raw link)."""
+    return SYSUPDATE_ID if portable else SYSEXT_ID
+
+
+def extension_release(flatcar_version: str | None, arch: str, portable: bool, sysext_version: str = "") -> str:
+    """The extension-release body. Lockstep (VERSION_ID) unless `portable` (SYSEXT_LEVEL=1.0, any release)."""
     if arch not in ARCHES:
         raise BuildError(f"extension-release: ARCHITECTURE {arch!r} is not one of {ARCHES}")
     lines = ["ID=flatcar"]
@@ -58,13 +71,15 @@ def extension_release(flatcar_version: str | None, arch: str, portable: bool) ->
         if not flatcar_version or not VERSION_RE.match(flatcar_version):
             raise BuildError(f"extension-release: VERSION_ID {flatcar_version!r} is not MAJOR.MINOR.PATCH")
         lines.append(f"VERSION_ID={flatcar_version}")
-    lines += [f"ARCHITECTURE={arch}", "EXTENSION_RELOAD_MANAGER=1", f"SYSEXT_ID={SYSEXT_ID}"]
+    lines += [f"ARCHITECTURE={arch}", "EXTENSION_RELOAD_MANAGER=1", f"SYSEXT_ID={sysext_id(portable)}"]
+    if sysext_version:
+        lines.append(f"SYSEXT_VERSION_ID={sysext_version}")
     return "\n".join(lines) + "\n"
 
 
 def cmd_extension_release(args: argparse.Namespace) -> None:
-    body = extension_release(args.flatcar_version, args.arch, args.portable)
-    path = Path(args.root) / "usr/lib/extension-release.d" / f"extension-release.{SYSEXT_ID}"
+    body = extension_release(args.flatcar_version, args.arch, args.portable, args.sysext_version or "")
+    path = Path(args.root) / "usr/lib/extension-release.d" / f"extension-release.{sysext_id(args.portable)}"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(body)
     path.chmod(0o644)
@@ -187,6 +202,82 @@ def cmd_input_key(args: argparse.Namespace) -> None:
     print(input_key(Path(args.repo), args.extra))
 
 
+def cmd_gen_key(args: argparse.Namespace) -> None:
+    from overlaybd.update_payload import generate_key_pem
+
+    fd = os.open(args.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(generate_key_pem())
+
+
+def _private_key(path: str):  # type: ignore[no-untyped-def]
+    from overlaybd.update_payload import PayloadError
+    from overlaybd.update_payload.layout import load_private_key
+
+    try:
+        return load_private_key(path)
+    except PayloadError as e:
+        raise BuildError(str(e)) from None
+
+
+def cmd_check_key(args: argparse.Namespace) -> None:
+    print(f"{args.path}: RSA {_private_key(args.path).key_size} bits")
+
+
+def cmd_key_id(args: argparse.Namespace) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    der = (
+        _private_key(args.path)
+        .public_key()
+        .public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    print(hashlib.sha256(der).hexdigest())
+
+
+def cmd_payload(args: argparse.Namespace) -> None:
+    """The update payload as Flatcar's delta_generator makes it; prints what the build log shows."""
+    from overlaybd.update_payload import PayloadError, public_key_pem, write_payload
+
+    try:
+        res = write_payload(args.image, args.out, args.key)
+        if args.pubkey_out:
+            Path(args.pubkey_out).write_bytes(public_key_pem(args.key))
+    except (PayloadError, ValueError) as e:
+        raise BuildError(str(e)) from None
+    print(
+        f"{res.path}: {res.size} bytes, sha256 {res.sha256}; {res.replace_bz} REPLACE_BZ + {res.replace} REPLACE "
+        f"operations for {res.image_size} image bytes (sha256 {res.image_sha256})"
+    )
+
+
+def sha256sums(directory: Path, pattern: str) -> str:
+    """sha256sum(1) lines (`HEX  NAME`), sorted by name: the manifest systemd-sysupdate's url-file reads."""
+    lines = []
+    for p in sorted(directory.glob(pattern)):
+        if p.is_file():
+            lines.append(f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.name}\n")
+    if not lines:
+        raise BuildError(f"{directory}: no file matches {pattern!r}")
+    return "".join(lines)
+
+
+def cmd_sha256sums(args: argparse.Namespace) -> None:
+    out = Path(args.dir) / "SHA256SUMS"
+    tmp = out.with_name(".SHA256SUMS.tmp")
+    tmp.write_text(sha256sums(Path(args.dir), args.glob))
+    tmp.replace(out)
+
+
+def cmd_sysupdate_transfer(args: argparse.Namespace) -> None:
+    from overlaybd.butane.render import ButaneVarError, sysupdate_transfer
+
+    try:
+        sys.stdout.write(sysupdate_transfer(args.url))
+    except ButaneVarError as e:
+        raise BuildError(str(e)) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="buildtool.py", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -196,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--flatcar-version")
     p.add_argument("--arch", required=True)
     p.add_argument("--portable", action="store_true")
+    p.add_argument("--sysext-version")
     p.set_defaults(fn=cmd_extension_release)
     p = sub.add_parser("normalize")
     p.add_argument("root")
@@ -216,6 +308,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("repo")
     p.add_argument("extra", nargs="*")
     p.set_defaults(fn=cmd_input_key)
+    for name, fn in (("gen-key", cmd_gen_key), ("check-key", cmd_check_key), ("key-id", cmd_key_id)):
+        p = sub.add_parser(name)
+        p.add_argument("path")
+        p.set_defaults(fn=fn)
+    p = sub.add_parser("payload")
+    p.add_argument("image")
+    p.add_argument("out")
+    p.add_argument("--key", required=True)
+    p.add_argument("--pubkey-out")
+    p.set_defaults(fn=cmd_payload)
+    p = sub.add_parser("sha256sums")
+    p.add_argument("dir")
+    p.add_argument("glob")
+    p.set_defaults(fn=cmd_sha256sums)
+    p = sub.add_parser("sysupdate-transfer")
+    p.add_argument("--url", required=True)
+    p.set_defaults(fn=cmd_sysupdate_transfer)
     args = ap.parse_args(argv)
     try:
         args.fn(args)

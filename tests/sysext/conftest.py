@@ -20,10 +20,12 @@ def sysext_build() -> Built:
 
 @pytest.fixture(scope="session")
 def portable_build(sysext_build: Built, tmp_path_factory: pytest.TempPathFactory) -> Built:
-    """squashfs + SYSEXT_LEVEL=1.0, made from the same frozen bundle (no second PyInstaller run)."""
+    """The sysupdate route's image (squashfs, SYSEXT_LEVEL=1.0), made from the same frozen bundle (no second
+    PyInstaller run). `--portable` is the old spelling of `--sysext-level`: the test keeps it working."""
     out = tmp_path_factory.mktemp("portable")
     shutil.copytree(sysext_build.bundle, out / "bundle", symlinks=True)
-    return build(out, ["--flatcar-version", FLATCAR_VERSION, "--format", "squashfs", "--portable", "--reuse-bundle"])
+    args = ["--flatcar-version", FLATCAR_VERSION, "--format", "squashfs", "--portable", "--reuse-bundle"]
+    return build(out, [*args, "--sysupdate-url", "http://127.0.0.1:8080/overlaybd/"])
 
 
 @pytest.fixture(scope="session")

@@ -43,7 +43,7 @@ def test_extension_release_bodies() -> None:
         "ID=flatcar\nVERSION_ID=4593.2.5\nARCHITECTURE=x86-64\nEXTENSION_RELOAD_MANAGER=1\nSYSEXT_ID=flatcar-overlaybd\n"
     )
     assert buildtool.extension_release(None, "arm64", True) == (
-        "ID=flatcar\nSYSEXT_LEVEL=1.0\nARCHITECTURE=arm64\nEXTENSION_RELOAD_MANAGER=1\nSYSEXT_ID=flatcar-overlaybd\n"
+        "ID=flatcar\nSYSEXT_LEVEL=1.0\nARCHITECTURE=arm64\nEXTENSION_RELOAD_MANAGER=1\nSYSEXT_ID=overlaybd\n"
     )
     with pytest.raises(buildtool.BuildError, match="ARCHITECTURE 'i386'"):
         buildtool.extension_release("4593.2.5", "i386", False)
@@ -104,3 +104,69 @@ def test_normalize_fixes_modes_and_times(tmp_path: Path) -> None:
     modes = {p.name: p.lstat().st_mode & 0o7777 for p in (root / "usr").iterdir() if not p.is_symlink()}
     assert modes == {"d": 0o755, "x": 0o755, "f": 0o644, "s": 0o600}
     assert {p.lstat().st_mtime for p in root.rglob("*")} == {1234}
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--flatcar-version", "4593.2.5", "--sysext-level", "--payload-key", "/etc/hostname"], "not --sysext-level"),
+        (["--flatcar-version", "4593.2.5", "--payload-key", "/nonexistent.pem"], "is not a readable file"),
+        (["--flatcar-version", "4593.2.5", "--payload-key", "/etc/hostname"], "not a usable RSA private key"),
+        (["--flatcar-version", "4593.2.5", "--payload-key", "/etc/hostname", "--no-payload"], "exclude each other"),
+        (["--flatcar-version", "4593.2.5", "--sysext-version", "1.0"], "--sysext-version needs --sysext-level"),
+        (["--flatcar-version", "4593.2.5", "--sysupdate-url", "http://x/"], "--sysupdate-url needs --sysext-level"),
+        (["--flatcar-version", "4593.2.5", "--sysext-level", "--sysext-version", "1_0"], "is not a version"),
+        (["--flatcar-version", "4593.2.5", "--sysext-level", "--sysupdate-url", "ftp://x/"], "is not an http(s) URL"),
+    ],
+)
+def test_build_sh_rejects_bad_release_options(args: list[str], message: str, tmp_path: Path) -> None:
+    res = run([str(BUILD_SH), *args, "--out", str(tmp_path / "out")], timeout=60)
+    assert res.returncode != 0 and message in res.stderr, res.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_print_key_depends_on_payload_key_and_route(tmp_path: Path) -> None:
+    def key(*extra: str) -> str:
+        res = run([str(BUILD_SH), "--print-key", "--flatcar-version", "4593.2.5", *extra], timeout=60)
+        assert res.returncode == 0, res.stderr
+        return res.stdout.strip()
+
+    for name in ("a.pem", "b.pem"):
+        assert buildtool.main(["gen-key", str(tmp_path / name)]) == 0
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o600
+    keys = [
+        key(),
+        key("--no-payload"),
+        key("--payload-key", str(tmp_path / "a.pem")),
+        key("--payload-key", str(tmp_path / "b.pem")),
+        key("--sysext-level"),
+        key("--sysext-level", "--sysext-version", "9.9"),
+        key("--sysext-level", "--sysupdate-url", "http://other/"),
+    ]
+    assert len(set(keys)) == len(keys)
+    assert key("--payload-key", str(tmp_path / "a.pem")) == keys[2]
+
+
+def test_sysext_level_extension_release() -> None:
+    assert buildtool.extension_release(None, "x86-64", True, "0.2.0") == (
+        "ID=flatcar\nSYSEXT_LEVEL=1.0\nARCHITECTURE=x86-64\nEXTENSION_RELOAD_MANAGER=1\nSYSEXT_ID=overlaybd\n"
+        "SYSEXT_VERSION_ID=0.2.0\n"
+    )
+    assert buildtool.sysext_id(True) == "overlaybd" and buildtool.sysext_id(False) == "flatcar-overlaybd"
+
+
+def test_sha256sums_lists_every_version(tmp_path: Path) -> None:
+    (tmp_path / "overlaybd_0.2.0_x86-64.raw").write_bytes(b"b")
+    (tmp_path / "overlaybd_0.1.0_x86-64.raw").write_bytes(b"a")
+    (tmp_path / "flatcar-overlaybd.raw").write_bytes(b"c")
+    assert buildtool.main(["sha256sums", str(tmp_path), "overlaybd_*_*.raw"]) == 0
+    import hashlib
+
+    assert (tmp_path / "SHA256SUMS").read_text() == (
+        f"{hashlib.sha256(b'a').hexdigest()}  overlaybd_0.1.0_x86-64.raw\n"
+        f"{hashlib.sha256(b'b').hexdigest()}  overlaybd_0.2.0_x86-64.raw\n"
+    )
+    # The format sha256sum -c reads.
+    res = subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=tmp_path, capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert buildtool.main(["sha256sums", str(tmp_path / "empty-nothing"), "x*"]) == 1

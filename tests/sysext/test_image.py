@@ -141,7 +141,7 @@ def test_unit_contents(mounted: Path, daemon: str) -> None:
 
 def test_contents_listing_and_sha256(sysext_build: Built) -> None:
     listing = (sysext_build.out / f"{NAME}_contents.txt").read_text().splitlines()
-    assert any(ln.endswith(" /usr/local/overlaybd/overlaybd") for ln in listing)
+    assert any(ln.endswith(" ./usr/local/overlaybd/overlaybd") for ln in listing)
     digest = (sysext_build.out / f"{NAME}.raw.sha256").read_text().split()[0]
     assert digest == hashlib.sha256(sysext_build.image.read_bytes()).hexdigest()
 
@@ -190,20 +190,28 @@ def test_tmpfiles_populate_etc_and_keep_edits(mounted: Path, tmp_path: Path) -> 
 
 def test_portable_squashfs_image(mounted_portable: Path, portable_build: Built) -> None:
     assert portable_build.image.read_bytes()[:4] == b"hsqs"
-    text = (mounted_portable / f"usr/lib/extension-release.d/extension-release.{NAME}").read_text()
+    assert portable_build.image.name.startswith("overlaybd_") and portable_build.image.name.endswith(".raw")
+    text = (mounted_portable / f"usr/lib/extension-release.d/extension-release.{portable_build.name}").read_text()
     rel = parse_env_file(text)
     assert rel["SYSEXT_LEVEL"] == "1.0" and "VERSION_ID" not in rel and rel["ID"] == "flatcar"
+    assert (
+        rel["SYSEXT_ID"] == "overlaybd"
+        and portable_build.image.name == f"overlaybd_{rel['SYSEXT_VERSION_ID']}_x86-64.raw"
+    )
     st = (mounted_portable / BUNDLE / "overlaybd").stat()
     assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, 0, 0o755)
 
 
 def test_image_is_reproducible_from_the_same_bundle(sysext_build: Built, tmp_path: Path) -> None:
-    """Staging + mkfs are deterministic: same bundle, options and SOURCE_DATE_EPOCH => same bytes."""
+    """Staging + mkfs + payload are deterministic: same bundle, options, key and SOURCE_DATE_EPOCH => same bytes."""
     out = tmp_path / "again"
     shutil.copytree(sysext_build.bundle, out / "bundle", symlinks=True)
-    res = run([str(BUILD_SH), *sysext_build.args, "--reuse-bundle", "--out", str(out)])
+    key = sysext_build.out / "dev-payload-key.pem"  # the key the session's build signed with
+    res = run([str(BUILD_SH), *sysext_build.args, "--reuse-bundle", "--payload-key", str(key), "--out", str(out)])
     assert res.returncode == 0, res.stderr
     assert (out / f"{NAME}.raw").read_bytes() == sysext_build.image.read_bytes()
+    payload = f"flatcar_test_update-{NAME}.gz"
+    assert (out / payload).read_bytes() == (sysext_build.out / payload).read_bytes()
     assert f">> sha256: {hashlib.sha256(sysext_build.image.read_bytes()).hexdigest()}" in res.stdout
 
 

@@ -19,7 +19,7 @@ HELPER = Path(__file__).with_name("merge_helper.py")
 DAEMONS = ("overlaybd-tcmu", "overlaybd-snapshotter")
 
 
-def scratch_root(tmp_path: Path, image: Path, os_release: str) -> Path:
+def scratch_root(tmp_path: Path, image: Path, os_release: str, name: str = NAME) -> Path:
     """A minimal 'host': /usr/lib/os-release, /usr/sbin/modprobe (as on Flatcar), the image in
     /var/lib/extensions. The image is hard-linked when possible (same fs), else copied."""
     root = tmp_path / "root"
@@ -30,9 +30,9 @@ def scratch_root(tmp_path: Path, image: Path, os_release: str) -> Path:
     ext = root / "var/lib/extensions"
     ext.mkdir(parents=True)
     try:
-        os.link(image, ext / f"{NAME}.raw")
+        os.link(image, ext / f"{name}.raw")
     except OSError:
-        shutil.copy2(image, ext / f"{NAME}.raw")
+        shutil.copy2(image, ext / f"{name}.raw")
     return root
 
 
@@ -114,7 +114,7 @@ def test_version_mismatch_refused_and_force_merges(sysext_build: Built, tmp_path
 
 
 def test_portable_image_merges_on_any_flatcar_version(portable_build: Built, tmp_path: Path) -> None:
-    root = scratch_root(tmp_path, portable_build.image, flatcar_os_release("9999.0.0"))
+    root = scratch_root(tmp_path, portable_build.image, flatcar_os_release("9999.0.0"), portable_build.name)
     rep = merge(root)
     assert rep["merge"]["rc"] == 0 and rep["merged"], rep["merge"]["stderr"]
     assert not rep["after_unmerge"]

@@ -2,21 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import random
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from overlaybd.update_payload import generate_key_pem, public_key_pem
-
-
-@dataclass(frozen=True)
-class Keys:
-    private: Path
-    public: Path
-    other_private: Path
-    other_public: Path
+from payload_helpers import Keys
 
 
 @pytest.fixture(scope="session")
@@ -43,17 +34,3 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
         f.write(b"\0" * (-f.tell() % 4096))
     assert p.stat().st_size % 4096 == 0 and p.stat().st_size % (1 << 20)
     return p
-
-
-def flip(path: Path, offset: int) -> None:
-    """Invert one byte of a file in place."""
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        b = f.read(1)
-        f.seek(offset)
-        f.write(bytes([b[0] ^ 0xFF]))
-
-
-def no_stray_files(directory: Path, allowed: set[str]) -> None:
-    left = set(os.listdir(directory)) - allowed
-    assert not left, f"left behind: {left}"

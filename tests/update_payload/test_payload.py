@@ -11,7 +11,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import Keys, flip
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, utils
 from overlaybd.update_payload import (
@@ -29,6 +28,7 @@ from overlaybd.update_payload import (
 )
 from overlaybd.update_payload import update_metadata_pb2 as pb
 from overlaybd.update_payload.layout import load_private_key
+from payload_helpers import Keys, flip
 
 
 def parts(data: bytes) -> tuple[int, pb.DeltaArchiveManifest, int]:

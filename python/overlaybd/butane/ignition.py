@@ -79,6 +79,17 @@ def _owner(src: str, field: str, obj: Any) -> dict[str, Any]:
     return dict(obj)
 
 
+def _verification(src: str, field: str, v: Any) -> dict[str, str]:
+    """contents.verification.hash: `sha256-HEX` or `sha512-HEX` (Ignition checks the fetched file against it)."""
+    _check_keys(src, field, v, {"hash"})
+    h = v.get("hash")
+    algo, _, digest = h.partition("-") if isinstance(h, str) else ("", "", "")
+    size = {"sha256": 64, "sha512": 128}.get(algo)
+    if size is None or len(digest) != size or any(ch not in "0123456789abcdef" for ch in digest):
+        raise ButaneError(src, f"{field}.hash", f"{h!r} is not sha256-<64 hex> or sha512-<128 hex>")
+    return {"hash": h}
+
+
 def _file(src: str, field: str, f: Any) -> dict[str, Any]:
     _check_keys(src, field, f, {"path", "overwrite", "contents", "append", "mode", "user", "group"})
     out: dict[str, Any] = {"path": _path(src, f"{field}.path", f.get("path"))}
@@ -87,7 +98,9 @@ def _file(src: str, field: str, f: Any) -> dict[str, Any]:
             raise ButaneError(src, f"{field}.overwrite", "must be a boolean")
         out["overwrite"] = f["overwrite"]
     if "contents" in f:
-        c = _check_keys(src, f"{field}.contents", f["contents"], {"source", "inline", "local", "compression"})
+        c = _check_keys(
+            src, f"{field}.contents", f["contents"], {"source", "inline", "local", "compression", "verification"}
+        )
         given = [k for k in ("source", "inline", "local") if k in c]
         if len(given) != 1:
             raise ButaneError(src, f"{field}.contents", "exactly one of source, inline, local is required")
@@ -99,6 +112,8 @@ def _file(src: str, field: str, f: Any) -> dict[str, Any]:
             out["contents"] = {"compression": "", "source": _data_url(c["inline"])}
         else:
             out["contents"] = {"compression": c.get("compression", ""), "source": c["source"]}
+        if "verification" in c:
+            out["contents"]["verification"] = _verification(src, f"{field}.contents.verification", c["verification"])
     elif out.get("overwrite"):
         raise ButaneError(src, f"{field}.overwrite", "overwrite requires contents (Ignition ErrOverwriteAndNilSource)")
     if "mode" in f:
@@ -194,6 +209,11 @@ def translate(doc: Any, source: str = "<butane>") -> dict[str, Any]:
                     if not isinstance(item.get("target"), str) or not item["target"]:
                         raise ButaneError(source, f"{field}.target", "is required")
                     entry["target"] = item["target"]
+                    for flag in ("hard", "overwrite"):
+                        if flag in item:
+                            if not isinstance(item[flag], bool):
+                                raise ButaneError(source, f"{field}.{flag}", "must be a boolean")
+                            entry[flag] = item[flag]
                 if entry["path"] in paths:
                     raise ButaneError(source, f"{field}.path", f"duplicate path {entry['path']!r}")
                 paths.add(entry["path"])

@@ -12,8 +12,12 @@ from typing import Any
 
 BUTANE_VERSIONS = ("1.0.0", "1.1.0")
 RW_MODES = ("overlayfs", "dir", "dev")
+DELIVERIES = ("flatcar", "sysupdate")
+SYSUPDATE_ARCHES = ("x86-64", "arm64")
 TEMPLATE = "overlaybd.bu.j2"
 CONTAINERD_TEMPLATE = "containerd-config.toml.j2"
+TRANSFER_TEMPLATE = "sysupdate-overlaybd.transfer.j2"
+SYSUPDATE_UNIT_TEMPLATE = "overlaybd-sysupdate.service.j2"
 
 
 class ButaneVarError(ValueError):
@@ -69,6 +73,39 @@ def _registry_auth(name: str, value: str) -> tuple[str, str, str]:
     return host, user, password
 
 
+def _base_url(name: str, value: str) -> str:
+    """http(s) URL of the directory holding SHA256SUMS and the images; normalised to end in '/'."""
+    v = value.strip()
+    scheme, sep, rest = v.partition("://")
+    if scheme not in ("http", "https") or not sep or not rest or rest.startswith("/"):
+        raise ButaneVarError(name, f"{value!r} is not an http:// or https:// URL")
+    if any(c.isspace() or c in '"\\%@' or ord(c) < 0x20 for c in v) or "?" in v or "#" in v:
+        raise ButaneVarError(name, f"{value!r}: no spaces, quotes, backslashes, '%', '@', query or fragment")
+    return v if v.endswith("/") else v + "/"
+
+
+def _sysext_version(name: str, value: str) -> str:
+    """A sysupdate version (the @v of overlaybd_@v_%a.raw): no '_' so the pattern stays unambiguous."""
+    v = value.strip()
+    ok = v and v[0].isascii() and v[0].isalnum() and all(c.isascii() and (c.isalnum() or c in ".+~-") for c in v)
+    if not ok:
+        raise ButaneVarError(name, f"{value!r} is not a version (letters, digits, '.', '+', '~', '-')")
+    return v
+
+
+def _sha256(name: str, value: str) -> str:
+    v = value.strip().lower()
+    if len(v) != 64 or any(c not in "0123456789abcdef" for c in v):
+        raise ButaneVarError(name, f"{value!r} is not a sha256 (64 hex digits)")
+    return v
+
+
+def _default_version() -> str:
+    from overlaybd import __version__
+
+    return __version__
+
+
 @dataclass(frozen=True)
 class Variable:
     """One template variable: how to parse it from --var, its default, and what it does."""
@@ -102,6 +139,24 @@ VARIABLES: dict[str, Variable] = {
     ),
     "cri_snapshotter": Variable(
         _bool, False, "make overlaybd the CRI snapshotter (kubelet) and forward snapshot annotations"
+    ),
+    "delivery": Variable(
+        _choice(DELIVERIES),
+        "flatcar",
+        "flatcar: Flatcar's enabled-sysext.conf (image in lockstep with the OS); "
+        "sysupdate: the SYSEXT_LEVEL image under /opt/extensions/overlaybd, updated by systemd-sysupdate",
+    ),
+    "sysupdate_url": Variable(
+        _base_url, None, "delivery=sysupdate: base URL holding SHA256SUMS and overlaybd_<version>_<arch>.raw (required)"
+    ),
+    "sysupdate_version": Variable(
+        _sysext_version, _default_version(), "delivery=sysupdate: the version Ignition installs at provisioning"
+    ),
+    "sysupdate_arch": Variable(
+        _choice(SYSUPDATE_ARCHES), "x86-64", "delivery=sysupdate: architecture of the image Ignition installs"
+    ),
+    "sysupdate_sha256": Variable(
+        _sha256, None, "delivery=sysupdate: sha256 of that image (Ignition verifies the download)"
     ),
 }
 
@@ -185,12 +240,9 @@ def _load_default(rel: str) -> dict[str, Any]:
         raise ButaneVarError("defaults", f"{path}: {e}") from None
 
 
-def render(values: dict[str, Any] | None = None) -> str:
-    """Render the Butane YAML for `values` (output of parse_vars; missing keys take defaults)."""
+def _jinja_env():  # type: ignore[no-untyped-def]
     import jinja2  # imported here: keeps start-up of the other tools in the multi-call binary fast
 
-    vals = {name: var.default for name, var in VARIABLES.items()}
-    vals.update(values or {})
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(template_dir())),
         undefined=jinja2.StrictUndefined,
@@ -200,7 +252,42 @@ def render(values: dict[str, Any] | None = None) -> str:
         autoescape=False,
     )
     env.filters["toml_str"] = _toml_str
+    return env
+
+
+def sysupdate_transfer(url: str) -> str:
+    """The systemd-sysupdate transfer file (component `overlaybd`) for images published at `url`: one
+    source, the same text whether the build writes it or Butane installs it."""
+    return _jinja_env().get_template(TRANSFER_TEMPLATE).render(sysupdate_url=_base_url("sysupdate_url", url))
+
+
+def sysupdate_image_name(version: str, arch: str) -> str:
+    """overlaybd_<version>_<arch>.raw: what build.sh --sysext-level writes and the transfer's pattern matches."""
+    return f"overlaybd_{version}_{arch}.raw"
+
+
+def render(values: dict[str, Any] | None = None) -> str:
+    """Render the Butane YAML for `values` (output of parse_vars; missing keys take defaults)."""
+    vals = {name: var.default for name, var in VARIABLES.items()}
+    vals.update(values or {})
+    env = _jinja_env()
     ctx = dict(vals)
+    ctx["sysupdate"] = None
+    if vals["delivery"] == "sysupdate":
+        if not vals["sysupdate_url"]:
+            raise ButaneVarError("sysupdate_url", "required with delivery=sysupdate (where the images are published)")
+        image = sysupdate_image_name(vals["sysupdate_version"], vals["sysupdate_arch"])
+        ctx["sysupdate"] = {
+            "image": image,
+            "source": vals["sysupdate_url"] + image,
+            "sha256": vals["sysupdate_sha256"],
+            "transfer": sysupdate_transfer(vals["sysupdate_url"]),
+            "service": env.get_template(SYSUPDATE_UNIT_TEMPLATE).render(),
+        }
+    else:
+        for name in ("sysupdate_url", "sysupdate_sha256"):
+            if vals[name] is not None:
+                raise ButaneVarError(name, "only used with delivery=sysupdate")
     ctx["containerd_config"] = env.get_template(CONTAINERD_TEMPLATE).render(**vals)
     ctx["cred_json"] = _cred_json(tuple(vals["registry_auth"]))
     ctx["overlaybd_json"] = None
