@@ -47,12 +47,12 @@ def main() -> None:
             raise RuntimeError("daemon did not become ready: " + open(f"{S}/daemon.log").read())
         time.sleep(0.2)
 
-    from overlaybd.config.snapshotter import SnapshotterConfig
+    from overlaybd.config.snapshotter import config_from_dict
     from overlaybd.snapshotter.device_backend import TcmuBackend, default_backend
     from overlaybd.snapshotter.service import Snapshotter
 
     root = "/tmp/snaproot"  # guest tmpfs: SQLite WAL needs shared memory, which 9p cannot map
-    sn = Snapshotter(SnapshotterConfig(root=root, address=f"{S}/sn.sock"), default_backend(-1, ""))
+    sn = Snapshotter(config_from_dict({"root": root, "address": f"{S}/sn.sock"}), default_backend(-1, ""))
     check("tcmu_backend", isinstance(sn.devices, TcmuBackend), type(sn.devices).__name__)
     m = sn.prepare("a", "", {})
     shutil.copy(f"{S}/layer.commit", os.path.join(m[0].source, "overlaybd.commit"))

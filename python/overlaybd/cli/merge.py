@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def merge(args: argparse.Namespace) -> int:
     """Open the config's lowers as the image service does, then run the library merge."""
-    from ..config.device import load_device_config
+    from ..config.image_config import load_device_config
     from ..format.commit import merge_layers
     from ..format.output import OutputOptions
     from ..image import close_all, open_lowers, write_result_file

@@ -135,6 +135,8 @@ def convert_layout(
     opts = opts or Options()
     image = src.source(src_name)
     dst.init()
+    if work_dir:
+        os.makedirs(work_dir, exist_ok=True)  # --work-dir names where scratch goes; it need not exist yet
     work = tempfile.mkdtemp(prefix="obdconv-", dir=work_dir)
     try:
         lowers: list[str] = []
