@@ -11,10 +11,14 @@ The output appears only when complete (AtomicOutput); without -f an existing OUT
 from __future__ import annotations
 
 import argparse
+import os
 
+from ..host.progress import Progress
 from .toolrun import ToolError, parse_block_kib, parse_uuid, parser, run
 
 TOOL = "overlaybd-commit"
+#: `-z` of a layer holding at least this much data shows progress on a terminal
+PROGRESS_MIN_BYTES = 64 << 20
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,14 +79,27 @@ def commit(args: argparse.Namespace) -> int:
         threads=args.compress_threads,
         replace=args.force,
     )
-    commit_layer(
-        data,
-        index,
-        out,
-        options,
-        uuid=args.uuid,
-        parent_uuid=args.parent_uuid,
-        user_tag=tag,
-        turbo_oci=args.turbo_oci,
-    )
+    used = _used_bytes(data) if args.compress else 0
+    with Progress(TOOL, enabled=None if used >= PROGRESS_MIN_BYTES else False) as progress:
+        progress.stage(f"commit {os.path.basename(data)}", used)
+        commit_layer(
+            data,
+            index,
+            out,
+            options,
+            uuid=args.uuid,
+            parent_uuid=args.parent_uuid,
+            user_tag=tag,
+            turbo_oci=args.turbo_oci,
+            progress=progress.advance if progress.enabled else None,
+        )
     return 0
+
+
+def _used_bytes(path: str) -> int:
+    """Bytes `path` really holds (a sparse layer's size is its virtual size): the progress total of a commit."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return 0  # commit_layer reports the missing file
+    return min(st.st_size, st.st_blocks * 512)

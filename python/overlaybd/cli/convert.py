@@ -24,6 +24,7 @@ def _layout_arg(text: str) -> tuple[str, str | None]:
 def main(argv: list[str] | None = None) -> int:
     from overlaybd.convert.convertor import ConvertError, Options, convert_layout
     from overlaybd.convert.extract import LayerError
+    from overlaybd.host.progress import Progress
     from overlaybd.oci.layout import Layout, LayoutError
     from overlaybd.oci.skopeo import SkopeoError, skopeo_copy
 
@@ -34,16 +35,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vsize", type=int, default=64, help="virtual size in GB (default 64)")
     ap.add_argument("--algorithm", choices=("lz4", "zstd"), default="lz4", help="ZFile compression")
     ap.add_argument("--bs", type=int, default=4, choices=(4, 8, 16, 32, 64), help="ZFile block size (KiB)")
-    ap.add_argument("--docker", action="store_true", help="Docker v2 manifest instead of OCI")
+    kind = ap.add_mutually_exclusive_group()
+    kind.add_argument("--oci", action="store_true", help="OCI manifest and media types (default: Docker v2)")
+    kind.add_argument("--docker", action="store_true", help="Docker v2 manifest and media types (the default)")
     ap.add_argument("--insecure", action="store_true", help="plain HTTP / no TLS verification for registries")
     ap.add_argument("--work-dir", default=None, help="scratch directory")
     ap.add_argument("-v", "--verbose", action="store_true")
     ap.add_argument("--version", action="version", version=f"overlaybd-convert {__version__}")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    opts = Options(
-        vsize_gb=args.vsize, fstype=args.fstype, algorithm=args.algorithm, block_kib=args.bs, oci=not args.docker
-    )
+    opts = Options(vsize_gb=args.vsize, fstype=args.fstype, algorithm=args.algorithm, block_kib=args.bs, oci=args.oci)
     try:
         if args.work_dir:
             os.makedirs(args.work_dir, exist_ok=True)
@@ -63,7 +64,13 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 ap.error(f"dst: expected oci:DIR:NAME or docker://REF, got {args.dst!r}")
             digest = convert_layout(
-                Layout(src_path), Layout(dst_path), dst_name, src_name=src_name, opts=opts, work_dir=args.work_dir
+                Layout(src_path),
+                Layout(dst_path),
+                dst_name,
+                src_name=src_name,
+                opts=opts,
+                work_dir=args.work_dir,
+                progress=Progress("overlaybd-convert"),
             )
             if args.dst.startswith("docker://"):
                 skopeo_copy(f"oci:{dst_path}:{dst_name}", args.dst, insecure=args.insecure)

@@ -23,7 +23,9 @@ from typing import Any
 from ..host.command import HostError
 from ..host.mkfs import mkfs
 from ..host.mount import mount, umount, umount_all_under
+from ..host.progress import CountingReader, Progress
 from ..oci.annotations import layer_annotations
+from ..oci.identity import chain_id_uuid, chain_ids
 from ..oci.layout import Layout
 from ..oci.mediatypes import (
     MT_DOCKER_CONFIG,
@@ -48,7 +50,10 @@ class Options:
     fstype: str = "ext4"
     algorithm: str = "lz4"
     block_kib: int = 4
-    oci: bool = True  # OCI manifest/media types (convertor --oci); False: Docker v2
+    oci: bool = False  # OCI manifest/media types (convertor --oci); False: Docker v2, upstream convertor's default
+    #: committed empty-ext4 layer (upstream's baselayers/ext4_64) stacked under layer 0 instead of mkfs, and
+    #: shipped as the image's first layer (upstream convertor --mkfs=false)
+    base_layer: str | None = None
 
 
 @contextlib.contextmanager
@@ -76,8 +81,22 @@ def writable_device(config: str, work: str) -> Iterator[str]:
         image.close()
 
 
-def build_layer(index: int, layer_stream: Any, layer_name: str, lowers: list[str], work: str, opts: Options) -> str:
-    """Apply one OCI layer onto a new writable overlaybd layer over `lowers`; returns the committed blob path."""
+def build_layer(
+    index: int,
+    layer_stream: Any,
+    layer_name: str,
+    lowers: list[str],
+    work: str,
+    opts: Options,
+    *,
+    uuid: str | None = None,
+    parent_uuid: str | None = None,
+    progress: Progress | None = None,
+) -> str:
+    """Apply one OCI layer onto a new writable overlaybd layer over `lowers`; returns the committed blob path.
+
+    `uuid`/`parent_uuid` go into the committed layer's header (upstream: from the source chain IDs).
+    """
     from ..format import lsmt
     from ..format.commit import commit_layer
     from ..format.errors import FormatError
@@ -96,7 +115,7 @@ def build_layer(index: int, layer_stream: Any, layer_name: str, lowers: list[str
     with open(config, "w") as f:
         json.dump(cfg, f)
     with writable_device(config, work) as dev:
-        if index == 0:
+        if index == 0 and not opts.base_layer:
             try:
                 mkfs(dev, opts.fstype)
             except HostError as e:
@@ -113,13 +132,42 @@ def build_layer(index: int, layer_stream: Any, layer_name: str, lowers: list[str
             umount(mnt)
     out = os.path.join(d, "overlaybd.commit")
     blob = OutputOptions(zfile=True, tar=True, algorithm=opts.algorithm, block_size=opts.block_kib * 1024)
+    if progress is not None:
+        st = os.stat(data)
+        progress.step("commit", min(st.st_size, st.st_blocks * 512))
     try:  # as `overlaybd-commit -z -t`: a tar-wrapped ZFile, the layer blob
-        commit_layer(data, idx, out, blob)
+        report = progress.advance if progress is not None and progress.enabled else None
+        commit_layer(data, idx, out, blob, uuid=uuid, parent_uuid=parent_uuid, progress=report)
     except FormatError as e:
         raise ConvertError(f"layer {index} ({layer_name}): commit failed: {e}") from e
     os.unlink(data)
     os.unlink(idx)
     return out
+
+
+#: the history entry of the base layer an image converted without mkfs starts with
+BASE_LAYER_HISTORY = {"created_by": "overlaybd base layer (empty ext4)", "comment": "overlaybd baselayers/ext4_64"}
+
+
+def _base_layer_descriptor(dst: Layout, opts: Options, work: str) -> dict[str, Any]:
+    """Put the base layer into `dst` as a layer blob (tar-wrapped, like every other layer) and describe it."""
+    from ..format.output import LayerOutput, OutputOptions
+
+    assert opts.base_layer
+    out = os.path.join(work, "baselayer.commit")
+    try:
+        with open(opts.base_layer, "rb") as f, LayerOutput(out, OutputOptions(tar=True)) as sink:
+            while chunk := f.read(1 << 20):
+                sink.write(chunk)
+    except OSError as e:
+        raise ConvertError(f"base layer {opts.base_layer}: {e.strerror or e}") from e
+    digest, size = dst.put_file(out)
+    return {
+        "mediaType": MT_OCI_LAYER if opts.oci else MT_DOCKER_LAYER,
+        "digest": digest,
+        "size": size,
+        "annotations": layer_annotations(digest, size, opts.fstype),
+    }
 
 
 def convert_layout(
@@ -130,21 +178,49 @@ def convert_layout(
     src_name: str | None = None,
     opts: Options | None = None,
     work_dir: str | None = None,
+    progress: Progress | None = None,
 ) -> str:
-    """Convert the image `src_name` of `src` into `dst` tagged `dst_name`; returns the manifest digest."""
+    """Convert the image `src_name` of `src` into `dst` tagged `dst_name`; returns the manifest digest.
+
+    Layer i's LSMT UUID is taken from the source chain ID of layers 0..i and its parent UUID from that of
+    layer i-1 (as upstream), the config keeps its `history`, and `progress` shows layer i of n on a terminal.
+    """
     opts = opts or Options()
+    progress = progress or Progress("convert", enabled=False)
     image = src.source(src_name)
+    descs = image.manifest.get("layers", [])
+    diff_ids = (image.config.get("rootfs") or {}).get("diff_ids") or []
+    if len(diff_ids) != len(descs):
+        raise ConvertError(
+            f"{src.path}: config rootfs.diff_ids lists {len(diff_ids)} layers but the manifest has {len(descs)}"
+        )
+    try:
+        uuids = [chain_id_uuid(c) for c in chain_ids(diff_ids)]
+    except ValueError as e:
+        raise ConvertError(f"{src.path}: config rootfs.diff_ids: {e}") from e
     dst.init()
     if work_dir:
         os.makedirs(work_dir, exist_ok=True)  # --work-dir names where scratch goes; it need not exist yet
     work = tempfile.mkdtemp(prefix="obdconv-", dir=work_dir)
     try:
-        lowers: list[str] = []
+        lowers: list[str] = [opts.base_layer] if opts.base_layer else []
         layers: list[dict[str, Any]] = []
-        for i, desc in enumerate(image.manifest.get("layers", [])):
+        for i, desc in enumerate(descs):
             name = f"layer {i} ({desc.get('digest')})"
+            progress.stage(f"layer {i + 1} of {len(descs)}")
+            progress.step("apply")
             with src.open_layer(desc) as stream:
-                committed = build_layer(i, stream, name, lowers, work, opts)
+                committed = build_layer(
+                    i,
+                    CountingReader(stream, progress) if progress.enabled else stream,
+                    name,
+                    lowers,
+                    work,
+                    opts,
+                    uuid=uuids[i],
+                    parent_uuid=uuids[i - 1] if i else None,
+                    progress=progress,
+                )
             digest, size = dst.put_file(committed)
             kept = os.path.join(work, f"committed{i}")
             shutil.copyfile(dst.blob_path(digest), kept)  # next layers read it as a lower
@@ -157,9 +233,14 @@ def convert_layout(
                     "annotations": layer_annotations(digest, size, opts.fstype),
                 }
             )
+        if opts.base_layer:
+            layers.insert(0, _base_layer_descriptor(dst, opts, work))
+        progress.close()
         config = dict(image.config)
         config["rootfs"] = {"type": "layers", "diff_ids": [ly["digest"] for ly in layers]}
-        config.pop("history", None)  # history entries would no longer line up with the layers
+        if opts.base_layer and isinstance(config.get("history"), list):
+            # every converted layer is its source layer's history entry; the base layer gets its own, first
+            config["history"] = [BASE_LAYER_HISTORY, *config["history"]]
         cdigest, csize = dst.put_bytes(json.dumps(config).encode())
         manifest = {
             "schemaVersion": 2,
@@ -171,5 +252,6 @@ def convert_layout(
         dst.tag(dst_name, mdigest, msize, manifest["mediaType"])
         return mdigest
     finally:
+        progress.close()
         umount_all_under(work, lazy=True)
         shutil.rmtree(work, ignore_errors=True)

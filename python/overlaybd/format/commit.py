@@ -8,7 +8,7 @@ and exit code 1, the convertor calls these functions directly.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from . import lsmt, tarwrap, zfile
 from .errors import FormatError
@@ -28,13 +28,14 @@ def commit_layer(
     parent_uuid: str | None = None,
     user_tag: bytes = b"",
     turbo_oci: bool = False,
+    progress: Callable[[int], None] | None = None,
 ) -> None:
     """Commit a writable layer (`data` + `index`) or a sealed one (`index` None) into `out`.
 
     As upstream: the uuid is NULL unless given, the parent uuid defaults to the source's, a
     ZFile output has its header overwritten at the end. A TurboOCI (warp) layer's remote
     mappings point into the original layer tar and are copied verbatim, so that tar is not
-    needed here.
+    needed here. `progress` is told the size of every piece of the (uncompressed) layer written.
     """
     if len(user_tag) > MAX_USER_TAG:
         raise FormatError(out, "user_tag", f"{len(user_tag)} bytes, at most {MAX_USER_TAG} fit the header")
@@ -55,7 +56,8 @@ def commit_layer(
     else:
         source = lsmt.open_rw(data, index, readonly=True)
     try:
-        with LayerOutput(out, options, overwrite_header=True) as sink:
+        with LayerOutput(out, options, overwrite_header=True) as output:
+            sink: LayerOutput | _Reporting = output if progress is None else _Reporting(output, progress)
             if turbo_oci:
                 assert isinstance(source, lsmt.WarpWritableLayer)
                 lsmt.commit_warp(source, sink, uuid=uuid, parent_uuid=parent_uuid)
@@ -63,6 +65,18 @@ def commit_layer(
                 lsmt.commit(source, sink, uuid=uuid, parent_uuid=parent_uuid, user_tag=user_tag)
     finally:
         source.close()
+
+
+class _Reporting:
+    """A layer output that reports the size of each write (progress of long commits)."""
+
+    def __init__(self, output: LayerOutput, report: Callable[[int], None]) -> None:
+        self.output, self.report = output, report
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        n = self.output.write(data)
+        self.report(len(data))
+        return n
 
 
 def merge_layers(
