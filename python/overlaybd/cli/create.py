@@ -49,6 +49,7 @@ def create(args) -> int:
     from ..format import lsmt
 
     layer_uuid = args.uuid or str(uuidlib.uuid4()).upper()
+    layer: lsmt.WritableLayer
     if args.turbo_oci:
         # Upstream's warp layer: index file with an LSMT header, data file a plain sparse
         # fs-meta file of vsize bytes (upstream passes -s too; it is implied here).

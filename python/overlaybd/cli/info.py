@@ -45,13 +45,13 @@ def describe(path: str) -> dict[str, Any]:
     """The facts about `path` as a JSON-able dict."""
     from ..format import tarwrap, zfile
     from ..format.errors import FormatError
-    from ..format.fileio import LocalFile
+    from ..format.fileio import LocalFile, RandomAccessFile
 
     f = LocalFile(path)
     out: dict[str, Any] = {"file": path, "file_size": f.size()}
-    closer = f
+    closer: RandomAccessFile = f
     try:
-        src = f
+        src: RandomAccessFile = f
         payload = tarwrap.open_tar(src)
         if payload is not None:
             out["tar"] = {"payload_offset": payload.offset, "payload_size": payload.size()}

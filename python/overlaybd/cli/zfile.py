@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+from typing import IO
 
 from .toolrun import CHUNK, ToolError, parse_block_kib, parse_threads, parser, run
 
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     return run(TOOL, lambda: zfile_tool(args))
 
 
-def _stdin_copy() -> tempfile._TemporaryFileWrapper:
+def _stdin_copy() -> IO[bytes]:
     """Spool stdin to an anonymous temp file so it can be read positionally."""
     tmp = tempfile.TemporaryFile(prefix="overlaybd-zfile-stdin.")
     src = sys.stdin.buffer

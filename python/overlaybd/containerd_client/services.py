@@ -36,11 +36,11 @@ class Containerd:
     def close(self) -> None:
         self.channel.close()
 
-    def _md(self) -> list[tuple[str, str]]:
+    def _md(self) -> tuple[tuple[str, str], ...]:
         md = [("containerd-namespace", self.namespace)]
         if self.lease:
             md.append(("containerd-lease", self.lease))
-        return md
+        return tuple(md)
 
     def _unary(self, path: str, req: Any, resp_type: Any, timeout: float = 300) -> Any:
         fn = self.channel.unary_unary(

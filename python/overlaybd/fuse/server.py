@@ -202,7 +202,7 @@ class FuseFileServer:
             if major != P.KERNEL_MAJOR:
                 raise OSError(errno.EPROTO, f"kernel FUSE major {major}")
             want = flags & (P.ASYNC_READ | P.BIG_WRITES | P.MAX_PAGES)
-            out = P.INIT_OUT.pack(
+            init_out = P.INIT_OUT.pack(
                 P.KERNEL_MAJOR,
                 min(minor, P.OUR_MINOR),
                 max_readahead,
@@ -215,7 +215,7 @@ class FuseFileServer:
                 0,
                 0,
             )
-            self._send(unique, out)
+            self._send(unique, init_out)
         elif opcode == P.DESTROY:
             self._send(unique)
         else:

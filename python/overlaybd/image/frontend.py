@@ -16,7 +16,8 @@ from .image import open_image
 class BlockImage(Protocol):
     """What a frontend needs from an opened image (`open_image` returns one, so does a bare `Stack`)."""
 
-    read_only: bool
+    @property
+    def read_only(self) -> bool: ...
 
     def size(self) -> int: ...
     def pread_into(self, buf: memoryview, offset: int) -> int: ...

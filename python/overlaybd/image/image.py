@@ -197,8 +197,8 @@ def _open(cfg: DeviceConfig, service: Any, remote_opener: RemoteOpener | None) -
     owned: list[Any] = []
     try:
         layers = open_lowers(cfg, service, remote_opener, owned, recorder=recorder, layer_files=layer_files)
-        upper = None
-        if cfg.writable:
+        upper: lsmt.WritableLayer | None = None
+        if cfg.writable and cfg.upper is not None:
             try:
                 if cfg.upper.target:
                     upper = lsmt.open_warp_rw(cfg.upper.data, cfg.upper.index, target=LocalFile(cfg.upper.target))

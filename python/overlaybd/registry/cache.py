@@ -126,7 +126,8 @@ class BlockCache:
             return None
         if len(hdr) != HEADER_SIZE or hdr[:8] != MAGIC:
             return None
-        return HEADER.unpack(hdr[: HEADER.size])[3]
+        size: int = HEADER.unpack(hdr[: HEADER.size])[3]
+        return size
 
     def open_blob(self, digest: str, blob_size: int) -> BlobStore:
         if DIGEST_NAME.fullmatch(digest) is None:
@@ -174,7 +175,7 @@ class BlockCache:
 
     def entries(self) -> list[CacheEntry]:
         """The cached blobs: digest-named data files and/or their `.meta` (an orphan of either counts)."""
-        out = []
+        out: list[CacheEntry] = []
         try:
             names = os.listdir(self.dir)
         except FileNotFoundError:
@@ -430,7 +431,7 @@ class BlobStore:
         except OSError:
             pass
 
-    def records(self, first: int, count: int) -> array:
+    def records(self, first: int, count: int) -> array[int]:
         """crc/mark pairs of pages [first, first+count); absent pages read as zeros."""
         raw = os.pread(self.meta_fd, count * 8, HEADER_SIZE + first * 8)
         recs = array("I")

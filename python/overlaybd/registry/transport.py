@@ -251,7 +251,7 @@ class HttpTransport:
         try:
             c.perform()
         except pycurl.error as e:
-            code = e.args[0] if e.args else 0
+            code = int(e.args[0]) if e.args else 0
             status = c.getinfo(pycurl.RESPONSE_CODE)
             if code == pycurl.E_WRITE_ERROR and sink is not None and (out.refused or out.overflow):
                 # Aborted by us: the caller decides (with status and headers) what the server did wrong.

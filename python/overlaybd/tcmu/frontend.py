@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import errno
 import logging
+from typing import TYPE_CHECKING
 
 from overlaybd.image.frontend import ImageOpener
 from overlaybd.tcmu import configfs
 from overlaybd.tcmu.backstore import TcmuDevice, UioDevice
 from overlaybd.tcmu.scsi import DeviceInfo, ScsiDisk
+
+if TYPE_CHECKING:
+    from overlaybd.tcmu.netlink import TcmuNetlink
 
 log = logging.getLogger("overlaybd-tcmu")
 
@@ -52,7 +56,7 @@ class TcmuFrontend:
         self.read_retry_seconds = read_retry_seconds
         self.root = configfs_root
         self.devices: dict[int, TcmuDevice] = {}
-        self.netlink = None
+        self.netlink: TcmuNetlink | None = None
 
     def open_device(self, minor: int, cfg: configfs.CfgString) -> None:
         if minor in self.devices:
@@ -112,7 +116,8 @@ class TcmuFrontend:
     def handle_events(self) -> None:
         from overlaybd.tcmu import netlink as nl
 
-        for ev in self.netlink.receive():
+        netlink = self._started()
+        for ev in netlink.receive():
             cfg = configfs.parse_uio_name(ev.device)
             status = 0
             if cfg is None or cfg.subtype != configfs.SUBTYPE:
@@ -132,12 +137,17 @@ class TcmuFrontend:
             else:
                 status = -errno.EOPNOTSUPP
             try:
-                self.netlink.reply(ev, status)
+                netlink.reply(ev, status)
             except OSError as e:
                 log.warning("tcmu: reply for %s: %s", ev.device, e)
 
+    def _started(self) -> TcmuNetlink:
+        if self.netlink is None:
+            raise RuntimeError("tcmu frontend not started")
+        return self.netlink
+
     def fileno(self) -> int:
-        return self.netlink.fileno()
+        return self._started().fileno()
 
     def shutdown(self) -> None:
         for minor in list(self.devices):

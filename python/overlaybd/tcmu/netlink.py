@@ -150,7 +150,7 @@ class TcmuNetlink:
     def _request(self, family: int, cmd: int, attrs: bytes, version: int) -> list[tuple[int, int, int, bytes]]:
         seq = self._next_seq()
         self.sock.send(genl_message(family, cmd, attrs, seq, NLM_F_REQUEST | NLM_F_ACK, version))
-        replies = []
+        replies: list[tuple[int, int, int, bytes]] = []
         while True:
             for msg in parse_messages(self.sock.recv(65536)):
                 if msg[1] != seq:

@@ -217,6 +217,7 @@ class ScsiDisk:
     # -- INQUIRY -------------------------------------------------------------------------------
     def _inquiry(self, cdb: bytes, buf: DataBuffer) -> None:
         alloc = struct.unpack_from(">H", cdb, 3)[0]
+        data: bytes | bytearray
         if cdb[1] & 0x01:
             data = self._vpd(cdb[2])
         elif cdb[2] != 0 or cdb[1] & 0xFE:

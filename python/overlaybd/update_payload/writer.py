@@ -52,7 +52,7 @@ class WriteResult:
     replace_bz: int
 
 
-def _compress(chunk: bytes) -> tuple[int, bytes]:
+def _compress(chunk: bytes) -> tuple[pb.InstallOperation.Type, bytes]:
     packed = bz2.compress(chunk, BZIP2_LEVEL)
     if len(packed) < len(chunk):
         return pb.InstallOperation.REPLACE_BZ, packed
