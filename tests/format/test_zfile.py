@@ -386,7 +386,7 @@ def test_concurrent_readers_share_one_file(vectors: Path) -> None:
                     off = rng.randrange(len(ref))
                     n = rng.randrange(1, 50_000)
                     assert z.pread(n, off) == ref[off : off + n]
-            except BaseException as e:  # noqa: BLE001 - reported below
+            except BaseException as e:  # reported below
                 errors.append(e)
 
         threads = [threading.Thread(target=worker, args=(s,)) for s in range(4)]

@@ -32,5 +32,5 @@ def host_blockdev():
     for fn in reversed(undo):
         try:
             fn()
-        except Exception as e:  # noqa: BLE001 - keep cleaning up
+        except Exception as e:  # keep cleaning up
             print(f"cleanup: {e}")

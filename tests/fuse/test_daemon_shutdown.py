@@ -108,7 +108,7 @@ def test_detach_of_a_busy_device_waits_for_its_release(tmp_path, daemon, vectors
     dev = attach(sock, config(tmp_path, "busy", [str(vectors / "ext4/ap.commit")]), "busy", True)
     mnt = tmp_path / "mnt"
     mount_ro(dev, mnt)
-    held = open(mnt / "etc/hello.txt", "rb")  # noqa: SIM115 - held open across the lazy unmount
+    held = open(mnt / "etc/hello.txt", "rb")  # held open across the lazy unmount
     try:
         subprocess.run(["umount", "-l", str(mnt)], check=True)
         assert control.request({"op": "detach", "dev_id": "busy"}, sock) == {"ok": True}

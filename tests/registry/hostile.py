@@ -34,7 +34,7 @@ class HostileServer:
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
-            def do_GET(self) -> None:  # noqa: N802
+            def do_GET(self) -> None:
                 with srv.lock:
                     srv.requests.append(
                         (self.path, self.headers.get("Range", ""), self.headers.get("Authorization", ""))

@@ -105,7 +105,7 @@ def test_credentials_from_http_service(tmp_path, basic_registry, vector_layers):
     asked: list[str] = []
 
     class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802
+        def do_GET(self) -> None:
             asked.extend(parse_qs(urlsplit(self.path).query).get("remote_url", []))
             body = json.dumps(
                 {

@@ -174,7 +174,7 @@ def test_absurd_totals_refused_in_bounded_memory(tmp_path, hostile):
     import threading
 
     class Control(http.server.BaseHTTPRequestHandler):  # lets the child set the claimed total
-        def do_GET(self) -> None:  # noqa: N802
+        def do_GET(self) -> None:
             hostile.mode, hostile.total = "total", int(self.path.split("total=")[1])
             self.send_response(200)
             self.send_header("Content-Length", "0")
@@ -276,7 +276,7 @@ def test_url_userinfo_is_used_but_never_logged_or_audited(tmp_path, basic_regist
         (tmp_path / "cold").mkdir()
         cold = make_service(tmp_path / "cold", refill=4096, audit=True)
         client_for(cold).deadline = 1.0
-        with pytest.raises(Exception, match="gave up") as ei:  # noqa: PT011 — the opener's error wraps ours
+        with pytest.raises(Exception, match="gave up") as ei:  # the opener's error wraps ours
             with open_image(device(url, layers), cold) as img2:
                 img2.pread(4096, 0)
     audit = (tmp_path / "audit.log").read_text()

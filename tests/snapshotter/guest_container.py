@@ -66,7 +66,7 @@ def wait_for(pred, timeout: float, what: str, proc: subprocess.Popen | None = No
 
 
 def start(name: str, cmd: list[str]) -> subprocess.Popen:
-    log = open(f"{S}/{name}.log", "wb")  # noqa: SIM115 - lives as long as the process
+    log = open(f"{S}/{name}.log", "wb")  # lives as long as the process
     p = subprocess.Popen(cmd, stdout=log, stderr=log)
     procs.append(p)
     return p

@@ -35,7 +35,7 @@ def main() -> None:
         subprocess.run(["mount", "-t", "configfs", "none", "/sys/kernel/config"], check=True)
     with open(f"{S}/overlaybd.json", "w") as f:
         json.dump({"logConfig": {"logLevel": 1, "logPath": f"{S}/overlaybd.log"}, "enableAudit": False}, f)
-    log = open(f"{S}/daemon.log", "wb")  # noqa: SIM115 - lives as long as the daemon
+    log = open(f"{S}/daemon.log", "wb")  # lives as long as the daemon
     daemon = subprocess.Popen(
         [f"{BIN}/python", "-m", "overlaybd.cli.tcmu", f"{S}/overlaybd.json", "--frontend", "tcmu"],
         stdout=log,

@@ -21,7 +21,7 @@ TOOL = "overlaybd-download-sysext"
 
 
 class _Quiet(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - base class signature
+    def log_message(self, format: str, *args: object) -> None:  # base class signature
         pass
 
 

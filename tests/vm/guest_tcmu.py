@@ -45,7 +45,7 @@ class Daemon:
 
     def start(self) -> None:
         self.starts += 1
-        log = open(f"{S}/daemon-{self.starts}.log", "wb")  # noqa: SIM115 - lives as long as the daemon
+        log = open(f"{S}/daemon-{self.starts}.log", "wb")  # lives as long as the daemon
         self.proc = subprocess.Popen([DAEMON, f"{S}/overlaybd.json"], stdout=log, stderr=log)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:

@@ -56,7 +56,7 @@ def run(tool: str, body: Callable[[], int | None]) -> int:
         return 1
     except BrokenPipeError:  # reader went away (e.g. `| head`): not worth a message
         try:
-            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the flush at exit
+            sys.stdout = open(os.devnull, "w")  # silence the flush at exit
         except OSError:
             pass
         return 1

@@ -177,7 +177,7 @@ class FuseFrontend:
             raise ValueError(f"op: unknown {op!r}")
         except KeyError as e:
             return {"ok": False, "error": str(e).strip("'\"")}
-        except Exception as e:  # noqa: BLE001 - reported to the client
+        except Exception as e:  # reported to the client
             return {"ok": False, "error": str(e)}
 
     # -- socket ------------------------------------------------------------------------------
@@ -226,7 +226,7 @@ class FuseFrontend:
         for s in served:
             try:
                 s.close(force=True)
-            except Exception as e:  # noqa: BLE001 - keep going
+            except Exception as e:  # keep going
                 log.error("fuse device %s: detach: %s", s.dev_id, e)
         self.sweep()
 

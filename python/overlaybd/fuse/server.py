@@ -130,7 +130,7 @@ class FuseFileServer:
                 self._dispatch(opcode, unique, body, reply_buf)
             except OSError as e:
                 self._reply_error(unique, e.errno or errno.EIO)
-            except Exception:  # noqa: BLE001 - a bug in one request must not kill the mount
+            except Exception:  # a bug in one request must not kill the mount
                 log.exception("fuse: opcode %d on %s", opcode, self.mountpoint)
                 self._reply_error(unique, errno.EIO)
             if opcode == P.DESTROY:

@@ -87,7 +87,7 @@ class BackgroundDownloader:
                 download_layer(job.file, job.cfg, job.audit, lambda j=job: j.file.closed)
             except InterruptedError as e:  # the device was closed: keep the partial file, do not retry
                 log.info("%s", e)
-            except Exception as e:  # noqa: BLE001 — any failure re-queues the layer
+            except Exception as e:  # any failure re-queues the layer
                 job.tries_left -= 1
                 METRICS.error("bk_download")
                 log.error("background download of %s failed (%s); %d tries left", job.file.name, e, job.tries_left)

@@ -113,7 +113,7 @@ def start_exporter(port: int, uri_prefix: str = "/metrics", host: str = "127.0.0
         prefix = uri_prefix or "/metrics"
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (http.server API)
+            def do_GET(self) -> None:  # http.server API
                 if self.path.split("?")[0] != prefix:
                     self.send_error(404)
                     return

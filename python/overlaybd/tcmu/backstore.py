@@ -46,7 +46,7 @@ class CommandProcessor:
     def _run(self, cmd: Command) -> None:
         try:
             status, sense = self.disk.execute(cmd.cdb, cmd.iovs)
-        except Exception:  # noqa: BLE001 - the kernel must always get an answer
+        except Exception:  # the kernel must always get an answer
             log.exception("cmd %d (opcode %#x)", cmd.cmd_id, cmd.cdb[0] if cmd.cdb else -1)
             status, sense = CHECK_CONDITION, sense_fixed(MEDIUM_ERROR, ASC_UNRECOVERED_READ_ERROR)
         self.ring.complete(cmd.cmd_id, status, sense)

@@ -100,7 +100,7 @@ class TcmuFrontend:
             try:
                 self.open_device(bs.uio_minor, bs.cfg)
                 log.info("tcmu: recovered uio%d (%s)", bs.uio_minor, bs.cfg.config_path)
-            except Exception as e:  # noqa: BLE001 - one bad device must not stop the others
+            except Exception as e:  # one bad device must not stop the others
                 log.error("tcmu: recovering uio%d (%s): %s", bs.uio_minor, bs.cfg.config_path, e)
 
     def start(self) -> None:
@@ -126,13 +126,13 @@ class TcmuFrontend:
             if ev.cmd == nl.CMD_ADDED_DEVICE:
                 try:
                     self.open_device(ev.minor, cfg)
-                except Exception as e:  # noqa: BLE001 - reported to the kernel, enable fails
+                except Exception as e:  # reported to the kernel, enable fails
                     log.error("tcmu: open %s: %s", cfg.config_path, e)
                     status = -errno.EPERM
             elif ev.cmd == nl.CMD_REMOVED_DEVICE:
                 try:
                     self.close_device(ev.minor)
-                except Exception as e:  # noqa: BLE001 - the kernel still needs its reply
+                except Exception as e:  # the kernel still needs its reply
                     log.error("tcmu: close uio%d: %s", ev.minor, e)
             else:
                 status = -errno.EOPNOTSUPP
