@@ -252,7 +252,7 @@ class CachedBlob:
         def write() -> None:
             try:
                 st.store(p.start, data)
-            except Exception as e:  # noqa: BLE001 — a failed cache write only costs a later refetch
+            except Exception as e:  # a failed cache write only costs a later refetch
                 log.warning("%s: cache write failed: %s", self.name, e)
             finally:
                 self._done(p)
@@ -376,7 +376,7 @@ class CachedBlob:
     def _readahead(self, p: _Pending) -> None:
         try:
             self._fetch(p)
-        except Exception as e:  # noqa: BLE001 — readahead is best effort; readers fetch themselves
+        except Exception as e:  # readahead is best effort; readers fetch themselves
             log.debug("%s: readahead failed: %s", self.name, e)
 
     def close(self) -> None:
