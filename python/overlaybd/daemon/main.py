@@ -127,7 +127,9 @@ def run(
             fe.shutdown()  # detaches every loop device and unmounts every FUSE file it made
         log.info("stopped")
         return 0
-    tf = TcmuFrontend(opener, read_retry_seconds=30.0)
+    # No retries of its own: the registry client already retries each read until readDeadlineSec, so a
+    # container gets EIO within that one deadline (not another 30 s on top of it).
+    tf = TcmuFrontend(opener, read_retry_seconds=0.0)
     try:
         tf.start()
     except OSError as e:
