@@ -11,7 +11,6 @@ image record. `ctr run --snapshotter=overlaybd IMAGE` then finds the image unpac
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import secrets
@@ -19,11 +18,14 @@ import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
+from urllib.parse import urlsplit
 
 import grpc
 
 from ..containerd_api import content_images_leases_pb2 as api
 from ..oci import annotations as A
+from ..oci.identity import chain_ids
+from ..registry.credentials import Credential
 from .services import Containerd
 
 log = logging.getLogger(__name__)
@@ -40,14 +42,6 @@ class Layer:
     diff_id: str
     chain_id: str
     annotations: dict[str, str]
-
-
-def chain_ids(diff_ids: list[str]) -> list[str]:
-    """OCI ChainID: chain[0] = diff[0]; chain[i] = sha256(chain[i-1] + " " + diff[i])."""
-    out: list[str] = []
-    for d in diff_ids:
-        out.append(d if not out else "sha256:" + hashlib.sha256(f"{out[-1]} {d}".encode()).hexdigest())
-    return out
 
 
 def _layers(manifest: dict[str, Any], config: dict[str, Any]) -> list[Layer]:
@@ -68,6 +62,18 @@ def _layers(manifest: dict[str, Any], config: dict[str, Any]) -> list[Layer]:
     return out
 
 
+class UserCredential:
+    """`-u USER:PASS` for one registry host, looked up before the configured source (as ctr's --user)."""
+
+    def __init__(self, host: str, credential: Credential, fallback: Any) -> None:
+        self.host, self.credential, self.fallback = host, credential, fallback
+
+    def lookup(self, url: str) -> Credential | None:
+        if urlsplit(url).netloc == self.host:
+            return self.credential
+        return self.fallback.lookup(url)
+
+
 def rpull(
     ref: str,
     address: str,
@@ -76,8 +82,14 @@ def rpull(
     snapshotter: str = "overlaybd",
     plain_http: bool = False,
     registry: Any = None,
+    service: Any = None,
+    credential: tuple[str, str] | None = None,
 ) -> str:
-    """Make `ref` runnable with `--snapshotter=snapshotter` without fetching layers; returns the top chainID."""
+    """Make `ref` runnable with `--snapshotter=snapshotter` without fetching layers; returns the top chainID.
+
+    Registry credentials come from `service`'s `credentialConfig` (overlaybd.json, as the daemons read them);
+    `credential` (`-u USER:PASS`) takes precedence for the image's registry.
+    """
     from ..registry.client import RegistryClient, RegistryError
     from ..registry.image_ref import ReferenceError, parse_reference
 
@@ -86,7 +98,9 @@ def rpull(
     except ReferenceError as e:
         raise RpullError(str(e)) from e
     scheme = "http" if plain_http else "https"
-    client = registry or RegistryClient()
+    client = registry or RegistryClient(service)
+    if credential is not None:
+        client.credentials = UserCredential(r.registry, Credential(*credential), client.credentials)
     try:
         m = client.get_manifest(r, scheme=scheme)
         config_body = client.get_blob(r, m.config["digest"], scheme=scheme)
