@@ -40,11 +40,24 @@ def main(argv: list[str] | None = None) -> int:
     kind.add_argument("--docker", action="store_true", help="Docker v2 manifest and media types (the default)")
     ap.add_argument("--insecure", action="store_true", help="plain HTTP / no TLS verification for registries")
     ap.add_argument("--work-dir", default=None, help="scratch directory")
+    ap.add_argument(
+        "--userspace",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="build layers with e2fsprogs on a scratch image: no root, FUSE, loop or mount (default: when not root)",
+    )
     ap.add_argument("-v", "--verbose", action="store_true")
     ap.add_argument("--version", action="version", version=f"overlaybd-convert {__version__}")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    opts = Options(vsize_gb=args.vsize, fstype=args.fstype, algorithm=args.algorithm, block_kib=args.bs, oci=args.oci)
+    opts = Options(
+        vsize_gb=args.vsize,
+        fstype=args.fstype,
+        algorithm=args.algorithm,
+        block_kib=args.bs,
+        oci=args.oci,
+        userspace=args.userspace,
+    )
     try:
         if args.work_dir:
             os.makedirs(args.work_dir, exist_ok=True)

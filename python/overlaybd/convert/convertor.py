@@ -54,6 +54,8 @@ class Options:
     #: committed empty-ext4 layer (upstream's baselayers/ext4_64) stacked under layer 0 instead of mkfs, and
     #: shipped as the image's first layer (upstream convertor --mkfs=false)
     base_layer: str | None = None
+    #: build layers in user space with e2fsprogs (convert/userspace.py); None: when not root
+    userspace: bool | None = None
 
 
 @contextlib.contextmanager
@@ -97,6 +99,12 @@ def build_layer(
 
     `uuid`/`parent_uuid` go into the committed layer's header (upstream: from the source chain IDs).
     """
+    from . import userspace
+
+    if userspace.wanted(opts):  # no device, mount or root: e2fsprogs on a scratch image
+        return userspace.build_layer(
+            index, layer_stream, layer_name, lowers, work, opts, uuid=uuid, parent_uuid=parent_uuid
+        )
     from ..format import lsmt
     from ..format.commit import commit_layer
     from ..format.errors import FormatError

@@ -32,8 +32,9 @@ import stat
 import struct
 import tarfile
 import urllib.parse
+from collections.abc import Iterator
 from decimal import Decimal
-from typing import IO
+from typing import IO, Any, Protocol
 
 log = logging.getLogger(__name__)
 
@@ -135,9 +136,113 @@ def _kind(st_mode: int) -> str:
     return "directory" if stat.S_ISDIR(st_mode) else "symlink" if stat.S_ISLNK(st_mode) else "non-directory"
 
 
+class HostFs:
+    """The layer's target as a mounted directory: every operation is the kernel's own (os.* calls).
+
+    Why an object: the userspace path (`convert/userspace.py`) runs the same `_Applier` against an
+    ext4 image it edits with e2fsprogs, so the semantics live in one place; paths are relative to
+    the root ('' is the root)."""
+
+    def __init__(self, root: str) -> None:
+        self.root = os.path.realpath(root)
+
+    def abspath(self, rel: str) -> str:
+        return os.path.join(self.root, rel) if rel else self.root
+
+    def lstat(self, rel: str) -> os.stat_result:
+        return os.lstat(self.abspath(rel))
+
+    def listdir(self, rel: str) -> list[str]:
+        return os.listdir(self.abspath(rel))
+
+    def readlink(self, rel: str) -> str:
+        return os.readlink(self.abspath(rel))
+
+    def mkdir(self, rel: str, mode: int) -> None:
+        os.mkdir(self.abspath(rel), mode)
+
+    def remove(self, rel: str) -> None:
+        path = self.abspath(rel)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        elif os.path.lexists(path):
+            os.unlink(path)
+
+    def link(self, src: str, dst: str) -> None:
+        os.link(self.abspath(src), self.abspath(dst), follow_symlinks=False)
+
+    def symlink(self, target: str, rel: str) -> None:
+        os.symlink(target, self.abspath(rel))
+
+    def mknod(self, rel: str, mode: int, device: int) -> None:
+        os.mknod(self.abspath(rel), mode, device)
+
+    def write(self, rel: str, size: int, pieces: Iterator[tuple[int, bytes]]) -> None:
+        fd = os.open(self.abspath(rel), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            for offset, chunk in pieces:
+                os.pwrite(fd, chunk, offset)
+            os.ftruncate(fd, size)
+        finally:
+            os.close(fd)
+
+    def chown(self, rel: str, uid: int, gid: int) -> None:
+        os.chown(self.abspath(rel), uid, gid, follow_symlinks=False)
+
+    def chmod(self, rel: str, mode: int) -> None:
+        os.chmod(self.abspath(rel), mode)
+
+    def utime(self, rel: str, atime_ns: int, mtime_ns: int) -> None:
+        os.utime(self.abspath(rel), ns=(atime_ns, mtime_ns), follow_symlinks=False)
+
+    def listxattr(self, rel: str) -> list[str]:
+        return os.listxattr(self.abspath(rel), follow_symlinks=False)
+
+    def setxattr(self, rel: str, name: str, value: bytes) -> None:
+        os.setxattr(self.abspath(rel), name, value, follow_symlinks=False)
+
+    def removexattr(self, rel: str, name: str) -> None:
+        os.removexattr(self.abspath(rel), name, follow_symlinks=False)
+
+
+class LayerFs(Protocol):
+    """What `_Applier` needs of its target (`HostFs` is the reference); paths are root-relative."""
+
+    def lstat(self, rel: str) -> Any: ...
+    def listdir(self, rel: str) -> list[str]: ...
+    def readlink(self, rel: str) -> str: ...
+    def mkdir(self, rel: str, mode: int) -> None: ...
+    def remove(self, rel: str) -> None: ...
+    def link(self, src: str, dst: str) -> None: ...
+    def symlink(self, target: str, rel: str) -> None: ...
+    def mknod(self, rel: str, mode: int, device: int) -> None: ...
+    def write(self, rel: str, size: int, pieces: Iterator[tuple[int, bytes]]) -> None: ...
+    def chown(self, rel: str, uid: int, gid: int) -> None: ...
+    def chmod(self, rel: str, mode: int) -> None: ...
+    def utime(self, rel: str, atime_ns: int, mtime_ns: int) -> None: ...
+    def listxattr(self, rel: str) -> list[str]: ...
+    def setxattr(self, rel: str, name: str, value: bytes) -> None: ...
+    def removexattr(self, rel: str, name: str) -> None: ...
+
+
+def _lexists(fs: LayerFs, rel: str) -> bool:
+    try:
+        fs.lstat(rel)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    return True
+
+
+def _isdir(fs: LayerFs, rel: str) -> bool:
+    try:
+        return stat.S_ISDIR(fs.lstat(rel).st_mode)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+
+
 class _Applier:
-    def __init__(self, tf: tarfile.TarFile, root: str, layer: str) -> None:
-        self.tf, self.root, self.layer = tf, root, layer
+    def __init__(self, tf: tarfile.TarFile, fs: LayerFs, layer: str) -> None:
+        self.tf, self.fs, self.layer = tf, fs, layer
         self.upper: set[str] = set()  # what overlayfs would hold in this layer's upper directory
         self.dirs: list[tuple[str, tarfile.TarInfo]] = []
 
@@ -154,9 +259,6 @@ class _Applier:
             else:
                 parts.append(p)
         return parts
-
-    def abspath(self, rel: str) -> str:
-        return os.path.join(self.root, rel) if rel else self.root
 
     def mark(self, rel: str) -> None:
         while rel and rel not in self.upper:
@@ -177,13 +279,12 @@ class _Applier:
                 out = out[:-1]  # scoped: `..` at the root stays at the root (containerd's RootPath)
                 continue
             rel = "/".join([*out, c])
-            path = self.abspath(rel)
             try:
-                st = os.lstat(path)
+                st = self.fs.lstat(rel)
             except FileNotFoundError:
                 if not create:
                     return None
-                self.mkdir_implicit(path)
+                self.mkdir_implicit(rel, entry)
                 self.mark(rel)
                 out.append(c)
                 continue
@@ -198,38 +299,32 @@ class _Applier:
                 links += 1
                 if links > MAX_LINKS:
                     raise LayerError(self.layer, entry, f"too many levels of symbolic links at {rel!r}")
-                target = os.readlink(path)
+                target = self.fs.readlink(rel)
                 if target.startswith("/"):
                     out = []
                 todo = target.split("/") + todo
                 continue
             if not create:
                 return None
-            self.remove(path)  # a lower symlink/file on the way: the upper directory hides it
-            self.mkdir_implicit(path)
+            self.fs.remove(rel)  # a lower symlink/file on the way: the upper directory hides it
+            self.mkdir_implicit(rel, entry)
             self.mark(rel)
             out.append(c)
         return "/".join(out)
 
-    @staticmethod
-    def mkdir_implicit(path: str) -> None:
-        os.mkdir(path, 0o755)
-        os.chmod(path, 0o755)  # not subject to the umask
-
-    @staticmethod
-    def remove(path: str) -> None:
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path)
-        elif os.path.lexists(path):
-            os.unlink(path)
+    def mkdir_implicit(self, rel: str, entry: str) -> None:
+        try:
+            self.fs.mkdir(rel, 0o755)
+            self.fs.chmod(rel, 0o755)  # not subject to the umask
+        except OSError as e:
+            raise LayerError(self.layer, entry, f"cannot create parent {rel!r}: {e.strerror or e}") from e
 
     def prune(self, rel: str) -> None:
         """Remove what lower layers put at `rel`, keeping what this layer wrote there."""
-        path = self.abspath(rel)
         if rel not in self.upper:
-            self.remove(path)
-        elif os.path.isdir(path) and not os.path.islink(path):
-            for child in os.listdir(path):
+            self.fs.remove(rel)
+        elif _isdir(self.fs, rel):
+            for child in self.fs.listdir(rel):
                 self.prune(f"{rel}/{child}")
 
     # -- entries -------------------------------------------------------------------------------
@@ -244,7 +339,7 @@ class _Applier:
         parent = self.resolve_dir(parts[:-1], entry, create=True)
         assert parent is not None
         if base == OPAQUE:
-            for child in os.listdir(self.abspath(parent)):
+            for child in self.fs.listdir(parent):
                 self.prune(f"{parent}/{child}" if parent else child)
             return True
         if base.startswith(WHITEOUT):
@@ -252,107 +347,105 @@ class _Applier:
             if name in ("", ".", ".."):
                 raise LayerError(self.layer, entry, "invalid whiteout name")
             victim = f"{parent}/{name}" if parent else name
-            if os.path.lexists(self.abspath(victim)):
+            if _lexists(self.fs, victim):
                 self.prune(victim)
             return True
         rel = f"{parent}/{base}" if parent else base
-        path = self.abspath(rel)
         try:
-            existing = os.lstat(path)
+            existing = self.fs.lstat(rel)
         except FileNotFoundError:
             existing = None
         merge_dir = existing is not None and m.isdir() and stat.S_ISDIR(existing.st_mode)
         if existing is not None and not merge_dir:
-            self.remove(path)
+            self.fs.remove(rel)
         try:
-            self.create(m, rel, path, merge_dir)
+            self.create(m, rel, merge_dir)
         except OSError as e:
             raise LayerError(self.layer, entry, f"cannot create: {e.strerror or e}") from e
         self.mark(rel)
         return True
 
-    def create(self, m: tarfile.TarInfo, rel: str, path: str, merge_dir: bool) -> None:
+    def create(self, m: tarfile.TarInfo, rel: str, merge_dir: bool) -> None:
+        fs = self.fs
         if m.islnk():
-            self.hardlink(m, path)
+            self.hardlink(m, rel)
             return
         if m.isdir():
             if not merge_dir:
-                os.mkdir(path, 0o700)
-            self.dirs.append((path, m))
+                fs.mkdir(rel, 0o700)
+            self.dirs.append((rel, m))
         elif m.isreg():
-            self.write_file(m, path)
+            fs.write(rel, m.size, self.pieces(m))
         elif m.issym():
-            os.symlink(m.linkname, path)
+            fs.symlink(m.linkname, rel)
         elif m.ischr() or m.isblk():
             kind = stat.S_IFCHR if m.ischr() else stat.S_IFBLK
-            os.mknod(path, kind | 0o600, os.makedev(m.devmajor, m.devminor))
+            fs.mknod(rel, kind | 0o600, os.makedev(m.devmajor, m.devminor))
         elif m.isfifo():
-            os.mkfifo(path, 0o600)
+            fs.mknod(rel, stat.S_IFIFO | 0o600, 0)
         else:
             raise LayerError(self.layer, m.name, f"unsupported tar entry type {m.type!r}")
-        os.chown(path, m.uid, m.gid, follow_symlinks=False)
+        fs.chown(rel, m.uid, m.gid)
         if not m.issym():
-            os.chmod(path, m.mode & 0o7777)
-        self.set_xattrs(m, path, replace=merge_dir)
+            fs.chmod(rel, m.mode & 0o7777)
+        self.set_xattrs(m, rel, replace=merge_dir)
         if not m.isdir():
             atime, mtime = entry_times(m)
-            os.utime(path, ns=(atime, mtime), follow_symlinks=False)
+            fs.utime(rel, atime, mtime)
 
-    def hardlink(self, m: tarfile.TarInfo, path: str) -> None:
+    def hardlink(self, m: tarfile.TarInfo, rel: str) -> None:
         """Link to the entry named by the link (same layer or lower), never following its last component.
 
         The link header's owner, xattrs and times are applied as containerd does; its mode is not,
         and an owner change restores the mode bits chown clears (setuid of a linked binary)."""
+        fs = self.fs
         lparts = self.clean(m.linkname, m.name)
         if not lparts:
             raise LayerError(self.layer, m.name, "hardlink to the layer root")
         lparent = self.resolve_dir(lparts[:-1], m.name, create=False)
-        src = self.abspath(f"{lparent}/{lparts[-1]}" if lparent else lparts[-1]) if lparent is not None else None
-        if src is None or not os.path.lexists(src):
+        src = (f"{lparent}/{lparts[-1]}" if lparent else lparts[-1]) if lparent is not None else None
+        if src is None or not _lexists(fs, src):
             raise LayerError(self.layer, m.name, f"hardlink target {m.linkname!r} does not exist")
-        if os.path.isdir(src) and not os.path.islink(src):
+        if _isdir(fs, src):
             raise LayerError(self.layer, m.name, f"hardlink target {m.linkname!r} is a directory")
-        os.link(src, path, follow_symlinks=False)
-        st = os.lstat(path)
+        fs.link(src, rel)
+        st = fs.lstat(rel)
         if (st.st_uid, st.st_gid) != (m.uid, m.gid):
-            os.chown(path, m.uid, m.gid, follow_symlinks=False)
+            fs.chown(rel, m.uid, m.gid)
             if not stat.S_ISLNK(st.st_mode):
-                os.chmod(path, stat.S_IMODE(st.st_mode))
-        self.set_xattrs(m, path, replace=False)
+                fs.chmod(rel, stat.S_IMODE(st.st_mode))
+        self.set_xattrs(m, rel, replace=False)
         atime, mtime = entry_times(m)
-        os.utime(path, ns=(atime, mtime), follow_symlinks=False)
+        fs.utime(rel, atime, mtime)
 
-    def write_file(self, m: tarfile.TarInfo, path: str) -> None:
-        """Content straight from the archive; sparse members keep their holes (GNU and PAX 0.x/1.0)."""
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        try:
-            src = self.tf.fileobj
-            assert src is not None
-            src.seek(m.offset_data)
-            for offset, length in m.sparse or [(0, m.size)]:
-                os.lseek(fd, offset, os.SEEK_SET)
-                while length > 0:
-                    chunk = src.read(min(length, CHUNK))
-                    if not chunk:
-                        raise LayerError(self.layer, m.name, "archive truncated inside the entry's data")
-                    os.write(fd, chunk)
-                    length -= len(chunk)
-            os.ftruncate(fd, m.size)
-        finally:
-            os.close(fd)
+    def pieces(self, m: tarfile.TarInfo) -> Iterator[tuple[int, bytes]]:
+        """(offset, data) of a member's content straight from the archive; sparse members yield only
+        their data, so holes stay holes (GNU and PAX 0.x/1.0)."""
+        src = self.tf.fileobj
+        assert src is not None
+        src.seek(m.offset_data)
+        for offset, length in m.sparse or [(0, m.size)]:
+            while length > 0:
+                chunk = src.read(min(length, CHUNK))
+                if not chunk:
+                    raise LayerError(self.layer, m.name, "archive truncated inside the entry's data")
+                yield offset, chunk
+                offset += len(chunk)
+                length -= len(chunk)
 
-    def set_xattrs(self, m: tarfile.TarInfo, path: str, replace: bool) -> None:
+    def set_xattrs(self, m: tarfile.TarInfo, rel: str, replace: bool) -> None:
+        fs = self.fs
         try:
             wanted = entry_xattrs(m)
         except ValueError as e:  # a malformed ACL record
             raise LayerError(self.layer, m.name, str(e)) from e
         if replace:  # a directory entry over a lower directory: its xattrs are the entry's, as in an upper dir
-            for name in os.listxattr(path, follow_symlinks=False):
+            for name in fs.listxattr(rel):
                 if name not in wanted:
-                    os.removexattr(path, name, follow_symlinks=False)
+                    fs.removexattr(rel, name)
         for name, value in wanted.items():
             try:
-                os.setxattr(path, name, value, follow_symlinks=False)
+                fs.setxattr(rel, name, value)
             except OSError as e:
                 special = not (m.isreg() or m.isdir() or m.islnk())
                 if e.errno == errno.ENOTSUP or (e.errno == errno.EPERM and special and name.startswith("user.")):
@@ -361,17 +454,22 @@ class _Applier:
                 raise LayerError(self.layer, m.name, f"cannot set xattr {name}: {e.strerror}") from e
 
     def finish(self) -> None:
-        for path, m in self.dirs:  # containerd's order: tar order, after every entry
-            if os.path.isdir(path) and not os.path.islink(path):
+        for rel, m in self.dirs:  # containerd's order: tar order, after every entry
+            if _isdir(self.fs, rel):
                 atime, mtime = entry_times(m)
-                os.utime(path, ns=(atime, mtime), follow_symlinks=False)
+                self.fs.utime(rel, atime, mtime)
 
 
 def apply_layer(stream: IO[bytes], root: str, layer_name: str = "<layer>") -> int:
-    """Apply an uncompressed layer tar stream onto `root`; returns the number of entries applied."""
+    """Apply an uncompressed layer tar stream onto the mounted directory `root`; returns the entry count."""
+    return apply_layer_to(stream, HostFs(root), layer_name)
+
+
+def apply_layer_to(stream: IO[bytes], fs: LayerFs, layer_name: str = "<layer>") -> int:
+    """Apply an uncompressed layer tar stream onto any `LayerFs`; returns the number of entries applied."""
     count = 0
     with tarfile.open(fileobj=stream, mode="r|") as tf:
-        applier = _Applier(tf, os.path.realpath(root), layer_name)
+        applier = _Applier(tf, fs, layer_name)
         for m in tf:
             if applier.apply(m):
                 count += 1
