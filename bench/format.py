@@ -19,8 +19,13 @@ threads = usable CPUs) on the committed base layer, in a child process pinned to
 ratio (target >= 1.7x on 2 cores), plus the per-MB cost of the serial parts (reading, writing,
 jump table, per-batch Python) that bound scaling on many cores. Not run by the tests.
 
+`--random-only` runs just the random 4 KiB read rows: `--rounds` rounds of raw / lz4 ZFile stack /
+plain stack, interleaved, reporting the median and range of each ratio and the load average. With
+`--files DIR` the built layers are kept in DIR and reused by later runs (for iterating on the read path).
+
 Usage: .venv/bin/python bench/format.py [--size-mib 512] [--reads 500000] [--workdir /var/tmp]
        .venv/bin/python bench/format.py --scaling-only [--size-mib 256] [--scaling-runs 7]
+       .venv/bin/python bench/format.py --random-only [--rounds 7] [--files /var/tmp/obd-rand]
 """
 
 from __future__ import annotations
@@ -191,6 +196,77 @@ def random_reads(read, offsets: list[int]) -> float:
     for off in offsets:
         read(buf, off)
     return time.perf_counter() - t0
+
+
+def random_files(work: Path, size: int) -> tuple[Path, list[Path], list[Path]]:
+    """(raw image, lz4 ZFile stack, plain stack) for the random-read rows; reused when `work` has them."""
+    img, base = work / "disk.img", work / "base.commit"
+    names = ["base.commit", "L1.commit", "L2.commit"]
+    plain = [work / n for n in names]
+    zfiles = [p.with_suffix(".zf") for p in plain]
+    if all(p.exists() for p in [img, *plain, *zfiles]):
+        return img, zfiles, plain
+    print(f"building a {size // MiB} MiB ext4 image and its layers in {work} ...", file=sys.stderr)
+    if img.exists():
+        img.unlink()
+    img = build_image(work, size)
+    data, index = work / "base.data", work / "base.index"
+    import_raw(img, data, index, size)
+    commit_rw(data, index, base)
+    data.unlink()
+    index.unlink()
+    rng = random.Random(11)
+    overlay_layer(work, "L1", size, 0.10, rng)
+    overlay_layer(work, "L2", size, 0.05, rng)
+    for p, z in zip(plain, zfiles, strict=True):
+        compress(p, z, "lz4")
+    return img, zfiles, plain
+
+
+def random_only(args: argparse.Namespace) -> int:
+    """Only the random 4 KiB read rows, `--rounds` interleaved rounds: medians and ranges of the ratios."""
+    size = args.size_mib * MiB
+    keep = args.files is not None
+    work = Path(args.files) if keep else Path(tempfile.mkdtemp(prefix="obd-bench-", dir=args.workdir))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        img, zfiles, plain = random_files(work, size)
+        size = img.stat().st_size
+        for p in [img, *zfiles, *plain]:
+            warm(p)
+        offsets = [random.Random(3).randrange(0, size // 4096) * 4096 for _ in range(args.reads)]
+        times: dict[str, list[float]] = {"raw": [], "zfile": [], "plain": []}
+        loads = [os.getloadavg()[0]]
+        with LocalFile(img) as raw, open_stack(zfiles) as zst, open_stack(plain) as pst:
+            for _ in range(args.rounds):
+                times["raw"].append(random_reads(raw.pread_into, offsets))
+                times["zfile"].append(random_reads(zst.pread_into, offsets))
+                times["plain"].append(random_reads(pst.pread_into, offsets))
+                loads.append(os.getloadavg()[0])
+    finally:
+        if not keep:
+            shutil.rmtree(work, ignore_errors=True)
+    n = args.reads
+    print(
+        f"\nrandom 4 KiB reads: {args.size_mib} MiB ext4 image, {n} reads x {args.rounds} rounds, "
+        f"python {sys.version.split()[0]}"
+    )
+    print("| stack | median us/read | median reads/s | ratio to raw (median) | range | min-time ratio |")
+    print("| --- | ---: | ---: | ---: | --- | ---: |")
+    for key, label in (("zfile", "3-layer lz4 ZFile"), ("plain", "3-layer uncompressed")):
+        ratios = [t / r for t, r in zip(times[key], times["raw"], strict=True)]
+        med = statistics.median(times[key])
+        print(
+            f"| {label} | {med / n * 1e6:.2f} | {n / med:,.0f} | {statistics.median(ratios):.2f}x | "
+            f"{min(ratios):.2f}-{max(ratios):.2f}x | {min(times[key]) / min(times['raw']):.2f}x |"
+        )
+    med_raw = statistics.median(times["raw"])
+    print(f"| raw file (os.preadv) | {med_raw / n * 1e6:.2f} | {n / med_raw:,.0f} | 1.00x | - | 1.00x |")
+    print(
+        f"target: lz4 ZFile stack <= {1.5 * UPSTREAM['random 4K reads zfile stack']:.2f}x raw; "
+        f"load average (1 min) during the rounds {min(loads):.2f}-{max(loads):.2f}"
+    )
+    return 0
 
 
 # ---- ZFile build scaling --------------------------------------------------------------------------------------
@@ -381,7 +457,12 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true", help="keep the scratch dir")
     ap.add_argument("--scaling-only", action="store_true", help="only the ZFile build scaling table")
     ap.add_argument("--scaling-runs", type=int, default=7, help="runs per scaling cell (default 7)")
+    ap.add_argument("--random-only", action="store_true", help="only the random 4 KiB read rows")
+    ap.add_argument("--rounds", type=int, default=7, help="rounds of --random-only (default 7)")
+    ap.add_argument("--files", help="--random-only: keep the built layers in this dir and reuse them")
     args = ap.parse_args()
+    if args.random_only:
+        return random_only(args)
     for tool in ("mkfs.ext4", "lz4", "zstd", "cp", "cat"):
         if shutil.which(tool) is None:
             print(f"bench/format.py: {tool} not found", file=sys.stderr)

@@ -61,6 +61,8 @@ class ReadOnlyLayer:
         self.uuid = trailer.uuid
         self.parent_uuid = trailer.parent_uuid
         self.table = SegmentTable(index, [f.pread_into])  # shares the index arrays, no copy
+        general = ReadOnlyLayer.pread_into.__get__(self)
+        self.pread_into = self.table.fast_reader(self.vsize, general)  # type: ignore[method-assign,assignment]
 
     @property
     def mappings(self) -> list[Mapping]:

@@ -57,7 +57,11 @@ class Stack:
             merge_columns([la.index for la in top_down]), [la.file.pread_into for la in top_down]
         )
         self._lower_read = self._lower_table.read_into
-        if upper is not None:
+        if upper is None:
+            # read-only stack: the per-read path is one closure (see SegmentTable.fast_reader)
+            general = Stack.pread_into.__get__(self)
+            self.pread_into = self._lower_table.fast_reader(self.lower_vsize, general)  # type: ignore[method-assign,assignment]
+        else:
             upper.rw_tag = len(self.lowers)
             if upper.vsize == 0 and self.lower_vsize:
                 if upper.read_only:
