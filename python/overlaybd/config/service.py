@@ -96,6 +96,15 @@ class ExporterConfig:
 
 
 @dataclass(frozen=True)
+class MirrorConfig:
+    """Registry mirrors (docs/registry.md "Mirrors"): containerd's hosts directory and the snapshotter's list."""
+
+    hosts_dir: str
+    snapshotter_config: str
+    retry_sec: int
+
+
+@dataclass(frozen=True)
 class PrefetchConfig:
     concurrency: int
 
@@ -133,6 +142,7 @@ class ServiceConfig:
     user_agent: str
     service_config: ServiceAPIConfig
     read_deadline_sec: int
+    mirror_config: MirrorConfig
     path: str  # where it was loaded from (not a JSON key)
 
 
@@ -377,6 +387,43 @@ SERVICE = Table(
             lo=1,
             hi=3600,
         ),
+        Setting(
+            "mirrorConfig",
+            "mirror_config",
+            "section",
+            None,
+            "registry mirrors",
+            table=Table(
+                MirrorConfig,
+                (
+                    Setting(
+                        "hostsDir",
+                        "hosts_dir",
+                        "str",
+                        "/etc/containerd/certs.d",
+                        "containerd's registry hosts directory: `<hostsDir>/<registry>/hosts.toml` (or `_default/`) "
+                        'lists mirrors tried in order before the registry; `""` turns it off',
+                    ),
+                    Setting(
+                        "snapshotterConfig",
+                        "snapshotter_config",
+                        "str",
+                        "/etc/overlaybd-snapshotter/config.json",
+                        "snapshotter config whose `mirrorRegistry` entries with `mirrorOf` are tried first; "
+                        '`""` turns it off',
+                    ),
+                    Setting(
+                        "retrySec",
+                        "retry_sec",
+                        "int",
+                        30,
+                        "a mirror that failed (refused, 5xx, 404) is skipped for this long, then tried again",
+                        lo=1,
+                        hi=3600,
+                    ),
+                ),
+            ),
+        ),
     ),
     path_field="path",
 )
@@ -418,6 +465,7 @@ __all__ = [
     "ExporterConfig",
     "GzipCacheConfig",
     "LogConfig",
+    "MirrorConfig",
     "P2PConfig",
     "PrefetchConfig",
     "SERVICE",

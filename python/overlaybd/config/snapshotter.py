@@ -48,6 +48,7 @@ class ExporterConfig:
 class MirrorRegistry:
     host: str
     insecure: bool
+    mirror_of: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -161,6 +162,14 @@ SNAPSHOTTER = Table(
                 (
                     Setting("host", "host", "str", REQUIRED, "registry host[:port]", check=_nonempty),
                     Setting("insecure", "insecure", "bool", False, "use http:// for that host"),
+                    Setting(
+                        "mirrorOf",
+                        "mirror_of",
+                        "strings",
+                        (),
+                        "registries (`docker.io`, `host:port`, `*` for all) this host mirrors: tried before them, in "
+                        "list order, by every registry client (docs/registry.md); empty: per-host settings only",
+                    ),
                 ),
             ),
         ),

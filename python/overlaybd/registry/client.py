@@ -24,13 +24,14 @@ import random
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 from .auth import AuthError, Challenge, TokenCache, basic_header, parse_challenge, parse_token_response, token_url
 from .credentials import Credential, CredentialError, CredentialProvider
+from .hosts import Endpoint, HostResolver, MirrorSpec, mirror_url
 from .image_ref import BlobLocation, ImageReference, parse_reference, redact_url
 from .metrics import METRICS
 from .transport import ALLOWED_SCHEMES, HttpTransport, Response, TransportError
@@ -52,6 +53,11 @@ DEFAULT_DEADLINE = 30.0  # seconds per block read / open probe / manifest, retri
 # store (Docker Hub and GHCR cap layers at 10 GB, ECR at ~52 GB), and small enough that the cache's per-page
 # bookkeeping stays bounded; a server claiming more is refused before anything is sized by it.
 MAX_BLOB_SIZE = 1 << 40
+# A mirror gets one attempt per operation, bounded by this share of the deadline, so a hung mirror leaves the
+# origin most of it. A mirror answering a range request with the whole blob (200) is filling its cache
+# (docker-registry's pull-through behaviour): that blob is skipped on it for FILLING_HOLD s, doubling.
+MIRROR_SHARE = 1 / 3
+FILLING_HOLD = 1.0
 
 
 def parse_content_range(value: str) -> tuple[int, int, int | None] | None:
@@ -130,10 +136,12 @@ class RegistryClient:
         transport: HttpTransport | None = None,
         p2p_address: str | None = None,
         plain_http_hosts: Iterable[str] = (),
+        mirrors: Sequence[MirrorSpec] = (),
     ) -> None:
         """`deadline`: seconds per operation, retries included (None: the service's `readDeadlineSec`).
         `plain_http_hosts`: hosts configured as plain-http registries besides those reached by http:// URLs
-        (a token realm over http receives credentials only on such a host)."""
+        (a token realm over http receives credentials only on such a host). `mirrors`: tried before the
+        service's `mirrorConfig` sources (hosts.toml, the snapshotter's `mirrorRegistry`)."""
         if service is None:
             from ..config.service import default_service_config
 
@@ -157,6 +165,7 @@ class RegistryClient:
         if p2p_address is None:
             p2p_address = p2p.address if p2p is not None and p2p.enable else ""
         self.p2p_address = p2p_address
+        self.hosts = HostResolver.from_service(service, mirrors)
         self.p2p_prefix = ""  # upstream style: data URL = <address>/<blob url>
         if p2p_address and self._p2p_reachable():
             if urlsplit(p2p_address).path in ("", "/"):
@@ -318,15 +327,19 @@ class RegistryClient:
         return m
 
     def _fetch_manifest(self, r: ImageReference, reference: str, scheme: str) -> Manifest:
-        url = f"{scheme}://{r.registry}/v2/{r.repository}/manifests/{reference}"
-        resp = self._retrying(
-            r.registry,
-            r.repository,
-            reference,
-            lambda until: self._send(
-                r.registry, r.repository, "GET", url, ["Accept: " + ", ".join(MANIFEST_ACCEPT)], until
-            ),
-        )
+        accept = "Accept: " + ", ".join(MANIFEST_ACCEPT)
+
+        def attempt(ep: Endpoint, until: float) -> Response:
+            url = mirror_url(ep, r.registry, r.repository, "manifests", reference)
+            resp = self._send(ep.host, r.repository, "GET", url, [accept, *ep.headers], until)
+            if not ep.origin and resp.status == 200 and reference.startswith("sha256:"):
+                got = "sha256:" + hashlib.sha256(resp.body).hexdigest()
+                if got != reference:
+                    raise RegistryError(ep.host, r.repository, reference, 200, f"mirror manifest hashes to {got}")
+            return resp
+
+        capability = "pull" if reference.startswith("sha256:") else "resolve"
+        resp = self._mirrored(r.registry, r.repository, reference, capability, scheme, attempt)
         body = resp.body
         digest = "sha256:" + hashlib.sha256(body).hexdigest()
         if reference.startswith("sha256:") and digest != reference:
@@ -362,12 +375,17 @@ class RegistryClient:
         """A whole (small) blob, digest-verified."""
         r = parse_reference(ref) if isinstance(ref, str) else ref
         loc = BlobLocation(scheme, r.registry, r.repository, digest)
-        resp = self._retrying(
-            loc.registry,
-            loc.repository,
-            digest,
-            lambda until: self._send(loc.registry, loc.repository, "GET", loc.url, [], until, limit=limit),
-        )
+
+        def attempt(ep: Endpoint, until: float) -> Response:
+            at = self._loc_at(loc, ep)
+            resp = self._send(at.registry, at.repository, "GET", at.url, list(ep.headers), until, limit=limit)
+            if not ep.origin and resp.status == 200 and digest.startswith("sha256:"):
+                got = "sha256:" + hashlib.sha256(resp.body).hexdigest()
+                if got != digest:
+                    raise RegistryError(ep.host, r.repository, digest, 200, f"mirror content hashes to {got}")
+            return resp
+
+        resp = self._mirrored(loc.registry, loc.repository, digest, "pull", scheme, attempt)
         got = "sha256:" + hashlib.sha256(resp.body).hexdigest()
         if digest.startswith("sha256:") and got != digest:
             raise RegistryError(loc.registry, loc.repository, digest, resp.status, f"content hashes to {got}")
@@ -426,12 +444,95 @@ class RegistryClient:
     def _range_read(self, loc: BlobLocation, offset: int, view: memoryview, size: int | None) -> Response:
         want = len(view)
         whole = size is not None and offset == 0 and want == size
-        return self._retrying(
+
+        def attempt(ep: Endpoint, until: float) -> Response:
+            at = self._loc_at(loc, ep)
+            resp = self._range_once(at, offset, view, until, whole, ep.headers)
+            if not ep.origin and resp.status == 200 and resp.refused:
+                raise _MirrorFilling(resp.status, "answered a range request with the whole blob (filling its cache)")
+            return self._check_range(at, resp, offset, want, size)
+
+        return self._mirrored(
             loc.registry,
             loc.repository,
             loc.digest,
-            lambda until: self._check_range(loc, self._range_once(loc, offset, view, until, whole), offset, want, size),
+            "pull",
+            loc.scheme,
+            attempt,
             what=f"range bytes={offset}-{offset + want - 1}",
+        )
+
+    @staticmethod
+    def _loc_at(loc: BlobLocation, ep: Endpoint) -> BlobLocation:
+        """`loc` as found on endpoint `ep` (the registry's own URL when `ep` is the plain origin)."""
+        if ep.origin and ep.base == f"{loc.scheme}://{loc.registry}/v2":
+            return loc
+        url = mirror_url(ep, loc.registry, loc.repository, "blobs", loc.digest)
+        return BlobLocation(ep.scheme, ep.host, loc.repository, loc.digest, loc.userinfo if ep.origin else None, url)
+
+    def _mirrored(
+        self,
+        registry: str,
+        repository: str,
+        digest: str,
+        capability: str,
+        scheme: str,
+        attempt: Callable[[Endpoint, float], Response],
+        what: str = "",
+    ) -> Response:
+        """Each usable mirror once (within MIRROR_SHARE of the deadline), then the origin with the time left.
+
+        A mirror that fails is held off (hosts.HostResolver), so the next reads go straight to the next host;
+        nothing a failed mirror sent is returned (the origin's answer overwrites any partial sink)."""
+        start = time.monotonic()
+        until = start + self.deadline
+        eps = self.hosts.endpoints(registry, scheme, capability)
+        for ep in eps[:-1]:
+            if not self.hosts.usable(ep, repository, digest) or time.monotonic() >= until:
+                continue
+            if ep.skip_verify and ep.host not in self.transport.skip_verify_hosts:
+                self.transport.skip_verify_hosts.add(ep.host)
+            try:
+                resp = attempt(ep, min(until, time.monotonic() + self.deadline * MIRROR_SHARE))
+            except (RegistryError, _Retryable, TransportError) as e:
+                self._mirror_failed(ep, registry, repository, digest, e, what)
+                continue
+            if resp.status >= 400:  # manifests/configs: statuses are not checked by the attempt
+                self._mirror_failed(ep, registry, repository, digest, _Retryable(resp.status, "refused"), what)
+                continue
+            self.hosts.ok(ep.base)
+            return resp
+        origin = eps[-1]
+        return self._retrying(registry, repository, digest, lambda u: attempt(origin, u), what=what, until=until)
+
+    def _mirror_failed(
+        self, ep: Endpoint, registry: str, repository: str, digest: str, e: Exception, what: str
+    ) -> None:
+        """Hold the mirror off: the whole host for connection errors and 5xx, the repository for a 4xx,
+        the blob while the mirror fills its cache. One WARNING per hold, so a dead mirror logs rarely."""
+        METRICS.error("mirror")
+        status = getattr(e, "status", 0)
+        if isinstance(e, _MirrorFilling):
+            key = f"{ep.base} {digest}"
+            held = self.hosts.hold(key, FILLING_HOLD * 2 ** min(self.hosts.failures(key), 10))
+            log.info("mirror %s: %s@%s %s; next host for %.0fs", ep.base, repository, digest, e.why, held)
+            return
+        if 400 <= status < 500 and status != 429:
+            key = f"{ep.base} {repository}"
+        else:
+            key = ep.base
+        held = self.hosts.hold(key)
+        why = e.why if isinstance(e, _Retryable) else redact_url(str(e))
+        log.warning(
+            "mirror %s (%s) for %s/%s@%s failed: %s%s; using the next host, this mirror again in %.0fs",
+            ep.base,
+            ep.source,
+            registry,
+            repository,
+            digest,
+            f"{what}: " if what else "",
+            why,
+            held,
         )
 
     def _data_url(self, loc: BlobLocation) -> tuple[str, bool]:
@@ -459,11 +560,13 @@ class RegistryClient:
     def _p2p(self, url: str) -> str:
         return f"{self.p2p_prefix}/{url}" if self.p2p_prefix else url
 
-    def _range_once(self, loc: BlobLocation, offset: int, view: memoryview, until: float, whole: bool) -> Response:
+    def _range_once(
+        self, loc: BlobLocation, offset: int, view: memoryview, until: float, whole: bool, extra: Sequence[str] = ()
+    ) -> Response:
         rng = f"Range: bytes={offset}-{offset + len(view) - 1}"
         url, redirected = self._data_url(loc)
         if redirected or self.p2p_prefix:
-            hs = [rng]
+            hs = [rng, *extra]
             if not redirected:  # the P2P proxy fetches from the registry itself: pass our credentials on
                 auth = self._auth_header(loc.registry, loc.repository, loc.url, False, until)
                 hs += [auth] if auth else []
@@ -479,7 +582,15 @@ class RegistryClient:
                 return resp
             self._forget_redirect(loc)  # stale pre-signed URL / proxy refused: resolve again through the registry
         resp = self._send(
-            loc.registry, loc.repository, "GET", loc.url, [rng], until, sink=view, digest=loc.digest, accept_200=whole
+            loc.registry,
+            loc.repository,
+            "GET",
+            loc.url,
+            [rng, *extra],
+            until,
+            sink=view,
+            digest=loc.digest,
+            accept_200=whole,
         )
         if resp.url != loc.url and resp.status in (200, 206) and not (resp.refused or resp.overflow):
             with self._lock:
@@ -536,14 +647,21 @@ class RegistryClient:
         )
 
     def _retrying(
-        self, registry: str, repository: str, digest: str, op: Callable[[float], Response], what: str = ""
+        self,
+        registry: str,
+        repository: str,
+        digest: str,
+        op: Callable[[float], Response],
+        what: str = "",
+        until: float | None = None,
     ) -> Response:
         """Run op(until) until it succeeds, a permanent error occurs, or the deadline passes.
 
         Retried: 5xx, 429, connection refused/reset/timeouts, stalls and short bodies. Failing at once:
-        other 4xx, TLS trust and handshake errors, protocol errors, a wrong range answer."""
+        other 4xx, TLS trust and handshake errors, protocol errors, a wrong range answer. `until`: what is
+        left of the operation's deadline after mirrors were tried (default: the whole deadline from now)."""
         start = time.monotonic()
-        until = start + self.deadline
+        until = start + self.deadline if until is None else until
         delay = 0.05
         attempt = 0
         prefix = f"{what}: " if what else ""
@@ -610,6 +728,10 @@ class _Retryable(Exception):
         self.why = why
         self.retry_after = retry_after
         super().__init__(why)
+
+
+class _MirrorFilling(_Retryable):
+    """A mirror answered a range request with the whole blob: it is still filling its cache."""
 
 
 def _hostname(host: str) -> str:

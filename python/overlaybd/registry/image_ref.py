@@ -100,10 +100,12 @@ class BlobLocation:
     repository: str
     digest: str
     userinfo: tuple[str, str] | None = field(default=None, repr=False, compare=False)
+    # A mirror's URL for this blob (hosts.toml path prefix, `ns=` query); "" = the registry's own /v2/ URL.
+    mirror_url: str = field(default="", compare=False)
 
     @property
     def url(self) -> str:
-        return f"{self.scheme}://{self.registry}/v2/{self.repository}/blobs/{self.digest}"
+        return self.mirror_url or f"{self.scheme}://{self.registry}/v2/{self.repository}/blobs/{self.digest}"
 
     @property
     def label(self) -> str:

@@ -156,6 +156,7 @@ class HttpTransport:
         self.stall_timeout = stall_timeout
         self.low_speed_limit = low_speed_limit
         self.proxy = ""  # HTTP proxy for every request (p2pConfig in proxy mode, e.g. a Dragonfly dfdaemon)
+        self.skip_verify_hosts: set[str] = set()  # host[:port] of mirrors with hosts.toml `skip_verify = true`
         self.last_http_version = 0
         self._local = threading.local()
         self._handles: list[pycurl.Curl] = []
@@ -232,6 +233,9 @@ class HttpTransport:
         c.setopt(pycurl.BUFFERSIZE, 512 * 1024)
         if self.ca_file:
             c.setopt(pycurl.CAINFO, self.ca_file)
+        if self.skip_verify_hosts and scheme == "https" and _netloc(url) in self.skip_verify_hosts:
+            c.setopt(pycurl.SSL_VERIFYPEER, 0)
+            c.setopt(pycurl.SSL_VERIFYHOST, 0)
         cert_file, key_file, ca = cert if cert else (self.cert_file, self.key_file, "")
         if cert_file:
             c.setopt(pycurl.SSLCERT, cert_file)
@@ -277,3 +281,8 @@ class HttpTransport:
             for c in self._handles:
                 c.close()
             self._handles.clear()
+
+
+def _netloc(url: str) -> str:
+    """`host[:port]` of an http(s) URL (without userinfo)."""
+    return url.partition("://")[2].partition("/")[0].partition("?")[0].rpartition("@")[2]

@@ -1,0 +1,288 @@
+"""A site mirror on loopback: origin docker-registry, an access-logging proxy in front of it, and a second
+docker-registry as pull-through cache (`proxy: remoteurl:`) of that proxy. Used by test_mirror.py and
+bench/startup.py --scale-out.
+
+The origin's own access log does not show `Range` or how many bytes were really sent (a client may hang up
+early), so the proxy logs every request with both: that log is "what the origin served".
+"""
+
+from __future__ import annotations
+
+import http.client
+import http.server
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+try:  # the shared home of the registry helpers (older trees: the registry tests' conftest)
+    from helpers.registry import REGISTRY_BIN, free_port
+except ImportError:  # pragma: no cover
+    from registry.conftest import REGISTRY_BIN, free_port  # type: ignore[no-redef]
+
+REPO = Path(__file__).resolve().parents[2]
+HOP = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "te", "upgrade", "host"}
+
+
+@dataclass
+class Access:
+    """One request the origin answered: what was asked and how many body bytes went out."""
+
+    method: str
+    path: str
+    range: str
+    status: int
+    start: int  # first byte offset of the body within the blob (Content-Range start, else 0)
+    sent: int
+
+
+class AccessLogProxy:
+    """127.0.0.1:<port> -> origin, GET and HEAD streamed through; every request logged as an `Access`."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream = upstream_port
+        self.log: list[Access] = []
+        self.lock = threading.Lock()
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _relay(self) -> None:
+                conn = http.client.HTTPConnection("127.0.0.1", proxy.upstream, timeout=30)
+                hs = {k: v for k, v in self.headers.items() if k.lower() not in HOP}
+                try:
+                    conn.request(self.command, self.path, headers=hs)
+                    resp = conn.getresponse()
+                except OSError:  # origin stopped: like a dead registry, a reset
+                    self.close_connection = True
+                    return
+                self.send_response(resp.status)
+                for k, v in resp.getheaders():
+                    if k.lower() not in HOP:
+                        self.send_header(k, v)
+                self.end_headers()
+                cr = resp.getheader("Content-Range", "")
+                start = int(cr.split()[1].split("-")[0]) if cr.startswith("bytes ") else 0
+                entry = Access(self.command, self.path, self.headers.get("Range", ""), resp.status, start, 0)
+                with proxy.lock:
+                    proxy.log.append(entry)
+                try:
+                    while self.command != "HEAD":
+                        chunk = resp.read(64 << 10)
+                        if not chunk:
+                            break
+                        self.wfile.write(chunk)
+                        entry.sent += len(chunk)  # after the write: a hang-up stops the count
+                except OSError:
+                    self.close_connection = True
+                finally:
+                    conn.close()
+
+            do_GET = _relay
+            do_HEAD = _relay
+
+            def log_message(self, *a: object) -> None:
+                pass
+
+        class Server(http.server.ThreadingHTTPServer):
+            daemon_threads = True
+
+            def handle_error(self, request: object, client_address: object) -> None:
+                pass  # a client hanging up mid-body is expected (and counted), not a traceback
+
+        self.server = Server(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def blob_bytes(self) -> int:
+        """Body bytes of blob GETs the origin sent."""
+        with self.lock:
+            return sum(a.sent for a in self.log if "/blobs/sha256:" in a.path)
+
+    def whole_gets(self) -> dict[str, list[int]]:
+        """Per blob digest: bytes sent by each GET without Range (a pull-through mirror's fill or stream)."""
+        out: dict[str, list[int]] = {}
+        with self.lock:
+            for a in self.log:
+                if "/blobs/sha256:" in a.path and a.method == "GET" and not a.range:
+                    out.setdefault(a.path.rsplit("/", 1)[1].split("?")[0], []).append(a.sent)
+        return out
+
+    def overlap(self, ranged_only: bool = False) -> dict[str, int]:
+        """Per blob digest: bytes the origin sent more than once (0 everywhere = each range fetched once);
+        `ranged_only`: among requests with a Range header only (a node's own reads, not a mirror's fills)."""
+        per: dict[str, list[tuple[int, int]]] = {}
+        with self.lock:
+            for a in self.log:
+                if "/blobs/sha256:" in a.path and a.sent and (a.range or not ranged_only):
+                    d = a.path.rsplit("/", 1)[1].split("?")[0]
+                    per.setdefault(d, []).append((a.start, a.start + a.sent))
+        out = {}
+        for d, spans in per.items():
+            total = sum(e - s for s, e in spans)
+            covered, end = 0, -1
+            for s, e in sorted(spans):
+                if e > end:
+                    covered += e - max(s, end)
+                    end = e
+            out[d] = total - covered
+        return out
+
+    def reset(self) -> None:
+        with self.lock:
+            self.log.clear()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class PullThroughMirror:
+    """docker-registry with `proxy: remoteurl:` (a pull-through cache), on 127.0.0.1:<port>."""
+
+    def __init__(self, workdir: Path, remote: str, port: int = 0) -> None:
+        self.workdir = workdir
+        self.port = port or free_port()
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.config = workdir / "mirror.yml"
+        self.config.write_text(
+            "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n"
+            f"    rootdirectory: {workdir / 'storage'}\nhttp:\n  addr: 127.0.0.1:{self.port}\n"
+            f"proxy:\n  remoteurl: {remote}\n"
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        with open(self.workdir / "mirror.log", "ab") as logf:
+            self.proc = subprocess.Popen(
+                [str(REGISTRY_BIN), "serve", str(self.config)],
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(f"http://{self.host}/v2/", timeout=1)
+                return
+            except urllib.error.HTTPError:
+                return
+            except OSError:
+                if self.proc.poll() is not None:
+                    break
+                time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"mirror did not start: {(self.workdir / 'mirror.log').read_text()[-2000:]}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.proc = None
+
+
+def write_hosts_dir(d: Path, origin: str, mirror: str) -> Path:
+    """containerd's hosts directory: `<d>/<origin>/hosts.toml` sending pulls to the mirror first."""
+    (d / origin).mkdir(parents=True, exist_ok=True)
+    (d / origin / "hosts.toml").write_text(
+        f'server = "http://{origin}"\n\n[host."http://{mirror}"]\n  capabilities = ["pull", "resolve"]\n'
+    )
+    return d
+
+
+def node_service(node_dir: Path, hosts_dir: Path | str, deadline: int = 10, retry_sec: int = 30) -> Path:
+    """One simulated node's overlaybd.json: its own cache, the shared hosts directory."""
+    node_dir.mkdir(parents=True, exist_ok=True)
+    (node_dir / "cred.json").write_text('{"auths": {}}')
+    doc = {
+        "cacheConfig": {"cacheType": "file", "cacheDir": str(node_dir / "cache"), "cacheSizeGB": 1},
+        "credentialConfig": {"mode": "file", "path": str(node_dir / "cred.json")},
+        "enableAudit": False,
+        "download": {"enable": False},
+        "readDeadlineSec": deadline,
+        "mirrorConfig": {"hostsDir": str(hosts_dir), "snapshotterConfig": "", "retrySec": retry_sec},
+    }
+    p = node_dir / "overlaybd.json"
+    p.write_text(json.dumps(doc))
+    return p
+
+
+NODE_SCRIPT = r"""
+import hashlib, json, random, sys
+from overlaybd.config.service import load_service_config
+from overlaybd.config.image_config import device_config_from_dict
+from overlaybd.registry import open_remote_blob
+svc = load_service_config(sys.argv[1])
+job = json.loads(sys.argv[2])
+out = {}
+for b in job["blobs"]:
+    lower = device_config_from_dict({"lowers": [{"digest": b["digest"], "size": b["size"]}]}).lowers[0]
+    f = open_remote_blob(job["repo_url"], lower, svc)
+    rng = random.Random(job["seed"])
+    h = hashlib.sha256()
+    for _ in range(job["reads"]):
+        off = rng.randrange(0, max(1, b["size"] - job["len"]))
+        h.update(f.pread(job["len"], off))
+    f.close()
+    out[b["digest"]] = h.hexdigest()
+print(json.dumps(out))
+"""
+
+
+def expected_reads(blobs: list[tuple[dict, bytes]], reads: int, length: int, seed: int) -> dict[str, str]:
+    """What NODE_SCRIPT must print for these blobs (read from the local copies)."""
+    import hashlib
+    import random
+
+    out = {}
+    for desc, data in blobs:
+        rng = random.Random(seed)
+        h = hashlib.sha256()
+        for _ in range(reads):
+            off = rng.randrange(0, max(1, desc["size"] - length))
+            h.update(data[off : off + length])
+        out[desc["digest"]] = h.hexdigest()
+    return out
+
+
+def start_node(
+    service: Path, repo_url: str, blobs: list[dict], reads: int, length: int, seed: int
+) -> subprocess.Popen[str]:
+    """One node: its own process (and cache) reading `reads` random ranges of each blob lazily."""
+    job = {"repo_url": repo_url, "blobs": blobs, "reads": reads, "len": length, "seed": seed}
+    env = dict(os.environ, PYTHONPATH=str(REPO / "python"))
+    return subprocess.Popen(
+        [sys.executable, "-c", NODE_SCRIPT, str(service), json.dumps(job)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+
+
+def finish_node(p: subprocess.Popen[str], timeout: float = 120) -> dict[str, str]:
+    out, err = p.communicate(timeout=timeout)
+    if p.returncode != 0:
+        raise AssertionError(f"node failed ({p.returncode}): {err[-3000:]}")
+    return dict(json.loads(out.strip().splitlines()[-1]))
