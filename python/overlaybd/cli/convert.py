@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     from overlaybd.convert.extract import LayerError
     from overlaybd.host.progress import Progress
     from overlaybd.oci.layout import Layout, LayoutError
-    from overlaybd.oci.skopeo import SkopeoError, skopeo_copy
+    from overlaybd.oci.skopeo import SkopeoError, pull_to_layout, push_from_layout
 
     ap = argparse.ArgumentParser(prog="overlaybd-convert", description=__doc__)
     ap.add_argument("src", help="oci:DIR[:NAME] or docker://REF")
@@ -65,8 +65,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.src.startswith("oci:"):
                 src_path, src_name = _layout_arg(args.src)
             elif args.src.startswith("docker://"):
-                src_path, src_name = f"{tmp}/src", None
-                skopeo_copy(args.src, f"oci:{src_path}:src", insecure=args.insecure)
+                src_path, src_name = f"{tmp}/src", "src"
+                pull_to_layout(args.src, src_path, src_name, tmp, insecure=args.insecure)
             else:
                 ap.error(f"src: expected oci:DIR[:NAME] or docker://REF, got {args.src!r}")
             if args.dst.startswith("oci:"):
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
                 progress=Progress("overlaybd-convert"),
             )
             if args.dst.startswith("docker://"):
-                skopeo_copy(f"oci:{dst_path}:{dst_name}", args.dst, insecure=args.insecure)
+                push_from_layout(dst_path, dst_name, args.dst, tmp, insecure=args.insecure)
     except (ConvertError, LayoutError, LayerError, SkopeoError, OSError) as e:
         print(f"overlaybd-convert: {e}", file=sys.stderr)
         return 1

@@ -113,7 +113,7 @@ def convert(args: argparse.Namespace) -> int:
     from ..convert.extract import LayerError
     from ..host.progress import Progress
     from ..oci.layout import Layout, LayoutError
-    from ..oci.skopeo import SkopeoError, skopeo_copy
+    from ..oci.skopeo import SkopeoError, pull_to_layout, push_from_layout
     from .rpull import parse_user
 
     src, dst = check(args)
@@ -136,18 +136,18 @@ def convert(args: argparse.Namespace) -> int:
     work = tempfile.mkdtemp(prefix="convertor-", dir=args.dir)
     cert_dir = args.cert_dir[0] if args.cert_dir else None
 
-    def copy(a: str, b: str) -> None:
-        skopeo_copy(a, b, insecure=args.plain or args.insecure, creds=user, cert_dir=cert_dir)
-
+    transport = {"insecure": args.plain or args.insecure, "creds": user, "cert_dir": cert_dir}
     try:
         logging.info("converting %s to %s", src, dst)
-        copy(f"docker://{src}", f"oci:{work}/src:src")
+        pull_to_layout(f"docker://{src}", f"{work}/src", "src", work, **transport)
         out = Layout(f"{work}/dst")
-        digest = convert_layout(Layout(f"{work}/src"), out, "dst", opts=opts, work_dir=work, progress=Progress(TOOL))
+        digest = convert_layout(
+            Layout(f"{work}/src"), out, "dst", src_name="src", opts=opts, work_dir=work, progress=Progress(TOOL)
+        )
         if args.dump_manifest:
             print(json.dumps(out.read_json(digest, "manifest"), indent=2))
         if not args.no_upload:
-            copy(f"oci:{work}/dst:dst", f"docker://{dst}")
+            push_from_layout(f"{work}/dst", "dst", f"docker://{dst}", work, **transport)
     except (ConvertError, LayoutError, LayerError, SkopeoError) as e:
         raise ToolError(str(e)) from e
     finally:

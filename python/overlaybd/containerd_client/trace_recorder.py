@@ -29,7 +29,7 @@ from ..host.command import HostError, run
 from ..oci import annotations as A
 from ..oci.acceleration import append_acceleration_layer
 from ..oci.layout import Layout, LayoutError
-from ..oci.skopeo import SkopeoError, skopeo_copy
+from ..oci.skopeo import SkopeoError, pull_to_layout, push_from_layout
 
 #: how long the image service may take to dump the trace after the lock file is removed
 DUMP_TIMEOUT = 30.0
@@ -144,9 +144,10 @@ def publish_with_acceleration_layer(
     """Copy `image` into an OCI layout, append the acceleration layer, push it as `new_ref`; returns its digest."""
     layout = Path(work_dir) / "layout"
     try:
-        skopeo_copy(f"docker://{image}", f"oci:{layout}:src", insecure=plain_http, skopeo=skopeo)
+        # through skopeo's dir: transport, so Docker v2 images (the convertor's default) keep their digests
+        pull_to_layout(f"docker://{image}", str(layout), "src", work_dir, insecure=plain_http, skopeo=skopeo)
         mdigest = append_acceleration_layer(Layout(layout), "src", "accel", trace)
-        skopeo_copy(f"oci:{layout}:accel", f"docker://{new_ref}", insecure=plain_http, skopeo=skopeo)
+        push_from_layout(str(layout), "accel", f"docker://{new_ref}", work_dir, insecure=plain_http, skopeo=skopeo)
     except (SkopeoError, LayoutError) as e:
         raise RecordTraceError(f"publish {new_ref}: {e}") from e
     return mdigest
