@@ -19,6 +19,9 @@ fixed reference numbers). Root only; every server listens on 127.0.0.1; everythi
 and every mount, loop device and temp dir released, also on failure or SIGTERM/SIGINT.
 
     .venv/bin/python bench/startup.py [--size-mib 500] [--runs 5] [--skip-warm]
+
+`--scale-out` runs only the scale-out section instead (`scale_out()`; no root, no containerd): the origin
+bytes per node for 1 and 3 nodes reading the same image lazily, directly and through a pull-through mirror.
 """
 
 from __future__ import annotations
@@ -430,12 +433,105 @@ def report(mode: str, res: dict[str, list[tuple[float, int]]], obd_total: int) -
     return {"speed": speed, "frac_plain": frac_plain}
 
 
+def scale_out(layers: int, layer_mib: int, reads: int) -> int:
+    """Origin bytes per node for 1 and 3 nodes, directly and through a pull-through mirror (issue 13).
+
+    Each node is its own process with its own block cache, reading `reads` random 4 KiB ranges of every
+    layer lazily (what a container start does: a fraction of each layer). The mirror is docker-registry with
+    `proxy: remoteurl:` (fresh storage per scenario), found through a containerd hosts directory; the origin
+    is reached through an access-logging proxy whose log is what the origin sent. Needs no root."""
+    from registry.mirror_env import (  # tests/registry: the same site as test_mirror.py
+        AccessLogProxy,
+        PullThroughMirror,
+        expected_reads,
+        finish_node,
+        node_service,
+        start_node,
+        write_hosts_dir,
+    )
+
+    try:
+        from helpers.registry import Registry as Origin
+        from helpers.registry import build_layout
+    except ImportError:  # older trees
+        from registry.conftest import Registry as Origin  # type: ignore[no-redef]
+        from registry.conftest import build_layout
+
+    work = Path(tempfile.mkdtemp(prefix="obdscale-", dir="/tmp"))
+    origin = Origin(work / "origin")
+    proxy = AccessLogProxy(origin.port)
+    try:
+        files, datas = [], []
+        for i in range(layers):
+            data = os.urandom(layer_mib * MiB)
+            (work / f"layer{i}").write_bytes(data)
+            files.append(work / f"layer{i}")
+            datas.append(data)
+        descs = build_layout(work / "oci", "v1", files)
+        origin.push(work / "oci", "v1", "bench/app")
+        repo_url = f"http://{proxy.host}/v2/bench/app/blobs"
+        want = expected_reads(list(zip(descs, datas, strict=True)), reads, 4096, 7)
+        image = layers * layer_mib * MiB
+        per_node: dict[tuple[str, int], float] = {}
+        # mirror: the 3 nodes start together on a cold mirror; staggered: one node first, then the other two
+        for mode, n in (("direct", 1), ("direct", 3), ("mirror", 1), ("mirror", 3), ("staggered", 3)):
+            tag = f"{mode}{n}"
+            mirror = PullThroughMirror(work / f"m-{tag}", f"http://{proxy.host}") if mode != "direct" else None
+            hosts = write_hosts_dir(work / f"h-{tag}", proxy.host, mirror.host) if mirror else work / "none"
+            proxy.reset()
+            t0 = time.monotonic()
+            got = []
+            for wave in [[0], [1, 2]] if mode == "staggered" else [list(range(n))]:
+                procs = [
+                    start_node(node_service(work / f"n-{tag}-{i}", hosts), repo_url, descs, reads, 4096, 7)
+                    for i in wave
+                ]
+                got += [finish_node(p, timeout=CMD_TIMEOUT) for p in procs]
+                if mode == "staggered" and wave == [0]:
+                    time.sleep(1.0)  # the fill of what node 1 touched completes before the others start
+            took = time.monotonic() - t0
+            time.sleep(1.0)  # a mirror's background fill finishes (counted: it is origin traffic)
+            if mirror:
+                mirror.stop()
+            if any(g != want for g in got):
+                print(f"scale-out {tag}: WRONG BYTES read by a node", file=sys.stderr)
+                return 1
+            total = proxy.blob_bytes()
+            per_node[(mode, n)] = total / n
+            print(
+                f"scale-out {mode:9s} {n} node(s): origin sent {total / MiB:7.1f} MiB = "
+                f"{total / n / MiB:6.1f} MiB/node ({total / n / image:.1%} of the {image / MiB:.0f} MiB image "
+                f"per node), whole-blob GETs {sum(len(v) for v in proxy.whole_gets().values())}, {took:.1f}s"
+            )
+        d1 = per_node[("direct", 1)]
+        print(
+            "ratio scale-out (origin bytes per node / direct 1 node): "
+            + "; ".join(f"{m} {n} node(s) {v / d1:.2f}x" for (m, n), v in per_node.items())
+        )
+        return 0
+    finally:
+        proxy.close()
+        origin.close()
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size-mib", type=int, default=500, help="image payload size in MiB (default 500)")
     ap.add_argument("--runs", type=int, default=5, help="timed runs per path and cache state (default 5)")
     ap.add_argument("--skip-warm", action="store_true", help="cold-cache runs only")
+    ap.add_argument(
+        "--scale-out",
+        action="store_true",
+        help="only the scale-out section: origin bytes per node, 1 and 3 nodes, direct and through a "
+        "pull-through mirror (no root needed)",
+    )
+    ap.add_argument("--layers", type=int, default=3, help="scale-out: layers (default 3)")
+    ap.add_argument("--layer-mib", type=int, default=32, help="scale-out: MiB per layer (default 32)")
+    ap.add_argument("--reads", type=int, default=32, help="scale-out: random 4 KiB reads per layer (default 32)")
     args = ap.parse_args()
+    if args.scale_out:
+        return scale_out(args.layers, args.layer_mib, args.reads)
     if os.geteuid() != 0:
         print("startup.py: needs root (containerd, mounts, drop_caches)", file=sys.stderr)
         return 2
