@@ -10,7 +10,6 @@ convertor is run both ways on a multi-layer image, and once as an unprivileged u
 from __future__ import annotations
 
 import io
-import json
 import os
 import shutil
 import subprocess
@@ -163,27 +162,21 @@ def _convert(src: Path, dst: Path, work: Path, userspace_flag: bool) -> Layout:
 
 
 def _flatten(layout: Layout, out: Path) -> str:
-    """The converted image's whole disk as a raw file (overlaybd-dump), for e2fsck and a loop mount."""
-    from overlaybd.image import open_image
-
+    """The converted image's whole disk as a sparse raw file (mapped extents only), for e2fsck and a
+    loop mount."""
     img = layout.source("obd")
-    cfg = {"lowers": [{"file": str(layout.blob_path(ly["digest"]))} for ly in img.manifest["layers"]]}
-    cfg["resultFile"] = str(out) + ".result"
-    (out.parent / (out.name + ".json")).write_text(json.dumps(cfg))
-    image = open_image(str(out.parent / (out.name + ".json")))
+    lowers = [str(layout.blob_path(ly["digest"])) for ly in img.manifest["layers"]]
+    from overlaybd.format.fileio import LocalFile
+    from overlaybd.format.opener import open_layer
+
+    first = open_layer(LocalFile(lowers[-1]))
     try:
-        size = image.size()
-        with open(out, "wb") as f:
-            f.truncate(size)
-            pos = 0
-            while pos < size:
-                n = min(4 << 20, size - pos)
-                data = image.pread(n, pos)
-                if data.count(0) != len(data):
-                    os.pwrite(f.fileno(), data, pos)
-                pos += n
+        vsize = first.vsize
     finally:
-        image.close()
+        first.close()
+    with open(out, "wb") as f:
+        f.truncate(vsize)
+    userspace._materialize(lowers, str(out))
     return str(out)
 
 
