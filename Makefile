@@ -23,19 +23,19 @@ SYSEXT_VERSION ?=
 SYSUPDATE_URL ?=
 
 # Frozen onedir bundle only (= the /usr/local/overlaybd tree) -> out/bundle/.
-bundle: venv
+bundle: deps venv
 	./build.sh --bundle-only
 
 # The lockstep image and its release artifacts -> out/flatcar-overlaybd.raw (+ .sha256), the signed update
 # payload out/flatcar_test_update-flatcar-overlaybd.gz (+ out/update-payload-key.pub.pem) and the listings
 # out/flatcar-overlaybd_{contents,contents_wtd,disk_usage}.txt.
-sysext: venv
+sysext: deps venv
 	./build.sh --flatcar-version $(FLATCAR_VERSION) --arch $(SYSEXT_ARCH) --format $(SYSEXT_FORMAT) \
 		$(if $(PAYLOAD_KEY),--payload-key $(PAYLOAD_KEY)) $(BUILD_ARGS)
 
 # The sysupdate route: ID=flatcar + SYSEXT_LEVEL=1.0 image out/overlaybd_<version>_<arch>.raw, out/SHA256SUMS,
 # out/overlaybd.transfer. FLATCAR_VERSION is the oldest release it must run on (glibc check).
-sysext-level: venv
+sysext-level: deps venv
 	./build.sh --sysext-level --flatcar-version $(FLATCAR_VERSION) --arch $(SYSEXT_ARCH) --format $(SYSEXT_FORMAT) \
 		$(if $(SYSEXT_VERSION),--sysext-version $(SYSEXT_VERSION)) $(if $(SYSUPDATE_URL),--sysupdate-url $(SYSUPDATE_URL)) \
 		$(BUILD_ARGS)
@@ -45,7 +45,8 @@ BUTANE_VARS ?=
 butane: venv
 	mkdir -p out && $(VENV)/bin/overlaybd-butane $(BUTANE_VARS) -o out/overlaybd.bu && echo "out/overlaybd.bu"
 
-venv: deps $(VENV)/.installed protos
+# The Python tools only: no Debian packages are installed (test-fast and lint need no more).
+venv: $(VENV)/.installed protos
 
 # Debian packages the build and tests need (.ci/apt-packages.txt); installs only what is missing.
 deps:
@@ -67,16 +68,23 @@ smoke: venv
 	$(VENV)/bin/overlaybd-commit $$tmp/d $$tmp/i $$tmp/c -z && \
 	$(VENV)/bin/overlaybd-info $$tmp/c && echo "smoke OK"
 
-test: venv
+# Every tier; installs the Debian packages the tiers start (registry, containerd, qemu, ...). One tier:
+# make test PYTEST_ARGS="-m registry" (or a path: PYTEST_ARGS=tests/format).
+test: deps venv
 	$(VPY) -m pytest $(PYTEST_ARGS)
 
+# The tiers that start nothing and need neither root nor Debian packages (unit tests of every package).
+FAST_MARKERS := not (registry or containerd or sysext or vm or flatcar or slow or root)
 test-fast: venv
-	$(VPY) -m pytest -m "not registry and not containerd and not sysext and not vm and not slow" $(PYTEST_ARGS)
+	$(VPY) -m pytest -m "$(FAST_MARKERS)" $(PYTEST_ARGS)
 
+LINT_PATHS := python tests bench sysext
 lint: venv
-	$(VENV)/bin/ruff check python tests bench
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
+	$(VENV)/bin/mypy --config-file python/pyproject.toml python/overlaybd
 
-bench: venv
+bench: deps venv
 	$(VPY) bench/format.py
 	$(VPY) bench/registry.py
 

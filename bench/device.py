@@ -25,7 +25,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = REPO / ".venv" / "bin"
-sys.path.insert(0, str(REPO / "tests" / "vm"))
+sys.path.insert(0, str(REPO / "tests"))
 
 JOBS = [
     ("seq-1M", ["--rw=read", "--bs=1M", "--iodepth=4"]),
@@ -137,7 +137,7 @@ kill $DAEMON; wait $DAEMON || true
 
 
 def bench_guest(work: Path, commit: Path, raw: Path, seconds: int) -> None:
-    from qemu import Guest
+    from helpers.qemu import Guest
 
     why = Guest.available()
     if why:

@@ -33,13 +33,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
+from helpers.registry import Registry, build_layout  # noqa: E402
 from overlaybd.config.image_config import device_config_from_dict  # noqa: E402
 from overlaybd.config.service import service_config_from_dict  # noqa: E402
 from overlaybd.format.fileio import LocalFile  # noqa: E402
 from overlaybd.image.image import open_image  # noqa: E402
 from overlaybd.registry import open_remote_blob  # noqa: E402
 from overlaybd.registry.metrics import METRICS  # noqa: E402
-from registry.conftest import Registry, build_layout  # noqa: E402
 
 VECTORS = Path(os.environ.get("OVERLAYBD_VECTORS", REPO.parent / "shared" / "vectors"))
 CHUNK = 1 << 20

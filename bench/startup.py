@@ -50,8 +50,8 @@ from typing import BinaryIO
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
-from snapshotter.harness import Registry, Stack, new_base, release_below  # noqa: E402
-from snapshotter.images import MT_CONFIG, MT_LAYER_GZ, MT_MANIFEST, busybox_layer  # noqa: E402
+from helpers.containerd_stack import Registry, Stack, new_base, release_below  # noqa: E402
+from helpers.oci_images import MT_CONFIG, MT_LAYER_GZ, MT_MANIFEST, busybox_layer  # noqa: E402
 
 MiB = 1 << 20
 OS_RELEASE = 'ID=obdbench\nNAME="overlaybd start-up bench"\n'

@@ -15,6 +15,16 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "ci_may_skip: a skip that is a legitimate race, not a missing tier")
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`root` tests skip for other users (in CI, which runs as root, a skip would fail: see below)."""
+    if os.geteuid() == 0:
+        return
+    skip = pytest.mark.skip(reason="needs root (marked `root`)")
+    for item in items:
+        if item.get_closest_marker("root"):
+            item.add_marker(skip)
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
     """In CI (`CI` set) a tier that cannot run fails with its reason: a skip there would hide a broken product."""

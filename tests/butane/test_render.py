@@ -3,17 +3,16 @@ and (when Debian's ignition package is installed) passes ignition-validate."""
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import shutil
 import subprocess
 import tomllib
-import urllib.parse
 from pathlib import Path
 
 import pytest
 import yaml
+from helpers.butane import decode_data_url, files_by_path
 from overlaybd.butane import VARIABLES, ButaneError, ButaneVarError, parse_vars, render, translate
 from overlaybd.butane.ignition import load_yaml
 from overlaybd.butane.render import template_dir
@@ -29,16 +28,6 @@ VARIANTS = [
     ["cache_size_gb=16", "rw_mode=dir", "cri_snapshotter=true"],
     ["butane_version=1.0.0", "rw_mode=dev", "snapshotter_address=/run/obd/snap.sock"],
 ]
-
-
-def decode_data_url(url: str) -> str:
-    head, _, data = url.partition(",")
-    assert head in ("data:", "data:;base64"), url[:40]
-    return base64.b64decode(data).decode() if head.endswith("base64") else urllib.parse.unquote(data)
-
-
-def files_by_path(ign: dict) -> dict[str, dict]:
-    return {f["path"]: f for f in ign["storage"]["files"]}
 
 
 def contents(ign: dict, path: str) -> str:

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers.butane import decode_data_url, files_by_path
 from overlaybd import __version__
 from overlaybd.butane import ButaneVarError, parse_vars, render, translate
 from overlaybd.butane.render import sysupdate_image_name, sysupdate_transfer
-from test_render import decode_data_url, files_by_path
 
 REPO = Path(__file__).resolve().parents[2]
 BUTANE = REPO.parent / "shared" / "tools" / "butane"

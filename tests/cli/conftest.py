@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from cli_helpers import run_tool
+from helpers.tools import run_tool
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from cli_helpers import BIN, sha256_file
+from helpers.tools import BIN, sha256_file
 from overlaybd.format import lsmt
 
 C0 = "0f5e3a10-0000-4000-8000-0000000000c0"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cli_helpers import run_tool, sha256_file
+from helpers.tools import run_tool, sha256_file
 from overlaybd.format import lsmt
 from overlaybd.format.fileio import LocalFile
 

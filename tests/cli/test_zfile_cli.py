@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from cli_helpers import sha256_file
+from helpers.tools import sha256_file
 
 
 def test_zstd_compress_matches_upstream(tool, vectors: Path, tmp_path: Path) -> None:

@@ -9,10 +9,10 @@ import subprocess
 import tarfile
 
 import pytest
+from helpers.oci_images import busybox_layer, files_layer, write_layout
 from overlaybd.cli.convert import main as convert_main
 from overlaybd.convert.extract import LayerError, apply_layer
 from overlaybd.oci.layout import Layout
-from snapshotter.images import busybox_layer, files_layer, write_layout
 
 PFX = "containerd.io/snapshot/overlaybd/"
 
@@ -23,6 +23,9 @@ def _layers(tmp_path):
         {"etc/added": b"added\n", "bin/script": b"#!/bin/sh\necho hi\n"}, whiteouts=("etc/os-release",)
     )
     return [base, second]
+
+
+pytestmark = pytest.mark.root  # the convertor mkfs's through FUSE + loop; the result is mounted
 
 
 @pytest.fixture

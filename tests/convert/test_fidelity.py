@@ -27,13 +27,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers.containerd_stack import new_base
 from overlaybd.convert.extract import LayerError, acl_text_to_xattr, apply_layer, entry_xattrs
-from snapshotter.harness import new_base
 
 from . import corpus
 from .treecmp import ContainerdRef, diff, ext4_dir, now_ns, snapshot
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (loop mount, mknod, trusted.* xattrs)")
+pytestmark = pytest.mark.root  # loop mount, mknod, trusted.* xattrs
 
 
 @pytest.fixture(scope="module")
@@ -307,8 +307,8 @@ def test_acl_text_formats() -> None:
 
 def test_work_dir_is_created(tmp_path) -> None:
     """`--work-dir` that does not exist yet is created (it was "No such file or directory")."""
+    from helpers.oci_images import busybox_layer, write_layout
     from overlaybd.cli.convert import main as convert_main
-    from snapshotter.images import busybox_layer, write_layout
 
     src, dst, work = tmp_path / "src", tmp_path / "dst", tmp_path / "not" / "yet"
     write_layout(src, "localhost/t/bb:1", [busybox_layer()])

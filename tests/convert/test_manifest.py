@@ -14,7 +14,7 @@ from overlaybd.cli.convert import main as convert_main
 from overlaybd.host.progress import CountingReader, Progress, human_bytes
 from overlaybd.oci.identity import chain_id_uuid, chain_ids
 from overlaybd.oci.layout import Layout
-from snapshotter.images import busybox_layer, files_layer, write_layout
+from helpers.oci_images import busybox_layer, files_layer, write_layout
 
 HISTORY = [
     {"created": "2024-01-01T00:00:00Z", "created_by": "ADD rootfs.tar /"},

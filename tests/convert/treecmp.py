@@ -19,8 +19,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from snapshotter.harness import Stack, release_below
-from snapshotter.images import write_layout_tar
+from helpers.containerd_stack import Stack, release_below
+from helpers.oci_images import write_layout_tar
 
 
 def _hash(path: str) -> str:

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from disk_hash import logical_sha256
+from helpers.vectors import logical_sha256
 from overlaybd.config.image_config import load_device_config
 from overlaybd.config.service import load_service_config
 from overlaybd.format import lsmt

@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from disk_hash import logical_sha256
+from helpers.vectors import logical_sha256
 from overlaybd.format import lsmt
 from overlaybd.format.fileio import LocalFile
 

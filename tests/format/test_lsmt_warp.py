@@ -10,7 +10,7 @@ import struct
 from pathlib import Path
 
 import pytest
-from disk_hash import logical_sha256
+from helpers.vectors import logical_sha256
 from overlaybd.format import lsmt
 from overlaybd.format.atomic import AtomicOutput
 from overlaybd.format.errors import BadIndex, BadMagic, FormatError, Truncated, Unaligned

@@ -12,28 +12,22 @@ import json
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
-from fuse_standin import umount
+from helpers.fuse_standin import umount
+from helpers.wait import wait_for
 from overlaybd.fuse import control
 from overlaybd.host import loop
 from overlaybd.host.mountinfo import mounts_under
+
+pytestmark = pytest.mark.root  # FUSE mount, loop devices
 
 VENV_BIN = Path(__file__).resolve().parents[2] / ".venv" / "bin"
 
 
 def losetup_lines() -> set[str]:
     return set(subprocess.run(["losetup", "-a"], capture_output=True, text=True, check=True).stdout.splitlines())
-
-
-def wait_for(cond, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 @pytest.fixture

@@ -13,10 +13,12 @@ import threading
 from pathlib import Path
 
 import pytest
-from fuse_standin import umount
+from helpers.fuse_standin import umount
 from overlaybd.config.service import default_service_config
 from overlaybd.daemon import main as daemon
 from overlaybd.fuse import control
+
+pytestmark = pytest.mark.root  # FUSE mount, loop devices
 
 BLOB = bytes((7 * i + 3) & 255 for i in range(20000))
 VENV_BIN = Path(__file__).resolve().parents[2] / ".venv" / "bin"

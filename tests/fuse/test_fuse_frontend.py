@@ -7,9 +7,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from fuse_standin import RawFileImage, make_ext4, umount
+from helpers.fuse_standin import RawFileImage, make_ext4, umount
 from overlaybd.fuse.server import FuseError, FuseFileServer
 from overlaybd.host import loop
+
+pytestmark = pytest.mark.root  # FUSE mount, loop devices
 
 BLOB = bytes((7 * i + 3) & 255 for i in range(20000))
 

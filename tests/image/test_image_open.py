@@ -6,8 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
-from disk_hash import logical_sha256
-from image_helpers import L0_SHA, L01_SHA
+from helpers.vectors import L0_SHA, L01_SHA, logical_sha256
 from overlaybd.config.image_config import device_config_from_dict
 from overlaybd.format.errors import ReadOnly
 from overlaybd.format.fileio import LocalFile

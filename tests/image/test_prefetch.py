@@ -11,12 +11,12 @@ import logging
 import os
 import shutil
 import threading
-import time
 from pathlib import Path
 
 import pytest
-from disk_hash import logical_sha256 as disk_sha
-from image_helpers import L01_SHA
+from helpers.vectors import L01_SHA
+from helpers.vectors import logical_sha256 as disk_sha
+from helpers.wait import wait_for
 from overlaybd.config.image_config import device_config_from_dict
 from overlaybd.format import opener
 from overlaybd.format.fileio import LocalFile
@@ -33,14 +33,6 @@ WAIT = 60.0  # generous upper bound for background work; never a timing assertio
 def stack_config(vectors: Path, **extra) -> object:
     doc = {"lowers": [{"file": str(vectors / f)} for f in LAYERS], **extra}
     return device_config_from_dict(doc)
-
-
-def wait_for(pred, what: str) -> None:
-    deadline = time.monotonic() + WAIT
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up waiting for {what}")
-        time.sleep(0.02)
 
 
 def merge_ranges(ranges) -> list[tuple[int, int]]:
@@ -138,7 +130,7 @@ def test_record_stops_when_lock_removed(tmp_path: Path, vectors: Path, monkeypat
         img.pread(4096, 0)
         img.pread(8192, 1 * MiB)
         os.unlink(f"{trace}.lock")
-        wait_for(lambda: Path(f"{trace}.ok").exists(), "the .ok file")
+        wait_for(lambda: Path(f"{trace}.ok").exists(), WAIT, "the .ok file")
         dumped = read_trace(trace)
         assert dumped
         disk_sha(img)  # reads after the stop are not recorded
@@ -259,10 +251,10 @@ def test_replay_stops_on_close(vectors: Path) -> None:
     try:
         rp = TraceReplayer(str(vectors / "trace/trace.bin"), files, 2, "test-image")
         rp.start()
-        wait_for(lambda: len(reads_of(files)) == 2, "two reads in flight")
+        wait_for(lambda: len(reads_of(files)) == 2, WAIT, "two reads in flight")
         closer = threading.Thread(target=rp.close)
         closer.start()
-        wait_for(rp._stop.is_set, "close() to ask the workers to stop")
+        wait_for(rp._stop.is_set, WAIT, "close() to ask the workers to stop")
         gate.set()
         closer.join(WAIT)
         assert not closer.is_alive() and rp.wait(0)
@@ -375,10 +367,9 @@ def test_replay_fills_registry_cache(tmp_path: Path, vectors: Path) -> None:
     """Layers only in a real docker-registry (behind the counting test proxy): a trace recorded on one
     cache, replayed at the open of an image on a fresh cache, leaves every traced range in the cache,
     so the traced reads then cost no registry traffic while an untraced one still does."""
-    from registry.conftest import FaultProxy, Registry, _need_tools, build_layout
-    from registry.helpers import device, make_service
+    from helpers.registry import FaultProxy, Registry, build_layout, device, make_service, need_tools
 
-    _need_tools()
+    need_tools()
     reg = Registry(tmp_path / "registry")
     proxy = FaultProxy(reg.port)
     try:

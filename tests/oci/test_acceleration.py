@@ -9,12 +9,12 @@ import os
 import tarfile
 
 import pytest
+from helpers.oci_images import busybox_layer, write_layout
 from overlaybd.format.errors import FormatError
 from overlaybd.format.trace import TraceRecord, write_trace
 from overlaybd.oci import annotations as A
 from overlaybd.oci.acceleration import append_acceleration_layer, build_acceleration_layer, read_acceleration_trace
 from overlaybd.oci.layout import Layout, LayoutError
-from snapshotter.images import busybox_layer, write_layout
 
 
 def test_acceleration_layer_round_trip(tmp_path):

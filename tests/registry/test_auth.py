@@ -7,6 +7,8 @@ import errno
 import json
 
 import pytest
+from helpers.registry import build_layout, device, make_service
+from helpers.vectors import L01_SHA, logical_sha256
 from overlaybd.image.image import open_image
 from overlaybd.registry import (
     RegistryClient,
@@ -14,9 +16,6 @@ from overlaybd.registry import (
     open_remote_blob,
     parse_reference,
 )
-
-from .conftest import L01_SHA256, build_layout
-from .helpers import device, make_service, sha256_of
 
 pytestmark = pytest.mark.registry
 
@@ -40,7 +39,7 @@ def test_basic_auth_prefix_key_and_b64(tmp_path, basic_registry, vector_layers):
         }
     }
     with open_image(device(url, layers), make_service(tmp_path, cred=cred)) as img:
-        assert sha256_of(img) == L01_SHA256
+        assert logical_sha256(img) == L01_SHA
 
 
 def test_basic_auth_missing_then_rotated_credentials(tmp_path, basic_registry, vector_layers):
@@ -74,7 +73,7 @@ def test_token_auth_cached_and_expired_token_refreshed(tmp_path, token_registry,
     tok.requests = 0
     tok.expire_next = 1  # the first token handed out is already expired: the registry says 401, we refresh
     with open_image(device(url, layers), svc) as img:
-        assert sha256_of(img) == L01_SHA256
+        assert logical_sha256(img) == L01_SHA
     assert tok.requests == 2  # one expired + one good token, then cached for every range request
 
 
@@ -131,7 +130,7 @@ def test_credentials_from_http_service(tmp_path, basic_registry, vector_layers):
             extra={"credentialConfig": {"mode": "http", "path": f"http://127.0.0.1:{srv.server_address[1]}/auth"}},
         )
         with open_image(device(url, layers), svc) as img:
-            assert sha256_of(img) == L01_SHA256
+            assert logical_sha256(img) == L01_SHA
     finally:
         srv.shutdown()
         srv.server_close()

@@ -21,15 +21,13 @@ from pathlib import Path
 
 import pytest
 from crc32c import crc32c
+from helpers.registry import build_layout, device, make_service
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from overlaybd.registry import cache as cache_mod
 from overlaybd.registry import cached_blob, open_remote_blob
 from overlaybd.registry.cache import COMPLETE, COMPLETE_OFFSET, HEADER_SIZE, MARK, PAGE
 from overlaybd.registry.metrics import METRICS
-
-from .conftest import build_layout
-from .helpers import device, make_service
 
 pytestmark = pytest.mark.registry
 REPO = Path(__file__).resolve().parents[2]
@@ -137,7 +135,7 @@ from pathlib import Path
 a = json.load(open(sys.argv[1]))
 sys.path.insert(0, a["tests"])
 from overlaybd.registry import open_remote_blob
-from registry.helpers import device, make_service
+from helpers.registry import device, make_service
 svc = make_service(Path(a["root"]), refill=65536)
 f = open_remote_blob(a["url"], device(a["url"], [a["layer"]]).lowers[0], svc)
 off, step = a["start"], a["step"]

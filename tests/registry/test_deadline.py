@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers.registry import build_layout, device, make_service
+from helpers.vectors import L01_SHA, logical_sha256
 from overlaybd.image.image import open_image
 from overlaybd.registry import RegistryClient, RegistryError, client_for, open_remote_blob
 from overlaybd.registry.client import DEFAULT_DEADLINE
 from overlaybd.registry.transport import is_permanent
 
-from .conftest import L01_SHA256, build_layout
-from .helpers import device, make_service, sha256_of
 from .hostile import HostileServer
 
 pytestmark = pytest.mark.registry
@@ -166,4 +166,4 @@ def test_image_read_with_registry_stopped_fails_within_deadline_then_recovers(tm
         assert len(errs) == 1 and "failed" in errs[0].getMessage() and "Could not connect" in errs[0].getMessage()
         registry.start()
         assert img.pread(4096, 0) == first
-        assert sha256_of(img) == L01_SHA256
+        assert logical_sha256(img) == L01_SHA

@@ -6,15 +6,13 @@ bytes fetched the second time, not a flag the code sets about itself."""
 from __future__ import annotations
 
 import os
-import time
 
 import pytest
+from helpers.registry import build_layout, device, make_service
+from helpers.wait import wait_for
 from overlaybd.registry import open_remote_blob
 from overlaybd.registry.download import DigestMismatch, download_layer
 from overlaybd.registry.metrics import METRICS
-
-from .conftest import build_layout
-from .helpers import device, make_service
 
 pytestmark = pytest.mark.registry
 
@@ -35,15 +33,6 @@ def _open(tmp_path, proxy, layers, layer_dir, **download):
     svc = make_service(tmp_path, download={"enable": False, "blockSize": BLOCK, "maxMBps": 1000, **download})
     url = f"http://{proxy.host}/v2/vec/resume/blobs"
     return open_remote_blob(url, device(url, layers, [str(layer_dir)]).lowers[0], svc), svc
-
-
-def _wait(pred, timeout=30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def test_partial_download_is_resumed(tmp_path, fault_proxy, blob):
@@ -100,16 +89,16 @@ def test_download_interrupted_by_close_resumes_after_reopen(tmp_path, fault_prox
     slow = {"enable": True, "delay": 0, "delayExtra": 1, "maxMBps": 1, "tryCnt": 1}
     f, _ = _open(tmp_path, fault_proxy, layers, d, **slow)
     try:
-        assert _wait(lambda: fault_proxy.bytes_relayed >= 2 * BLOCK)
+        wait_for(lambda: fault_proxy.bytes_relayed >= 2 * BLOCK, 30, "two blocks relayed")
     finally:
         f.close()
-    assert _wait(lambda: (d / ".download").exists() and not _busy())
+    wait_for(lambda: (d / ".download").exists() and not _busy(), 30, "the partial .download to be left idle")
     first = fault_proxy.bytes_relayed
     assert not (d / "overlaybd.commit").exists()
     assert 0 < first < SIZE
     f, _ = _open(tmp_path, fault_proxy, layers, d, enable=True, delay=0, delayExtra=1, tryCnt=1)
     try:
-        assert _wait(lambda: f.switched)
+        wait_for(lambda: f.switched, 30, "the switch to the downloaded file")
     finally:
         f.close()
     second = fault_proxy.bytes_relayed - first
@@ -145,13 +134,13 @@ def test_registry_outage_mid_download_resumes(tmp_path, registry, fault_proxy, b
     f.client.deadline = 1.0  # give up on the dead registry quickly (restored below: the client is shared)
     errors_before = METRICS.errors.get("bk_download", 0)
     try:
-        assert _wait(lambda: fault_proxy.bytes_relayed >= 2 * BLOCK)
+        wait_for(lambda: fault_proxy.bytes_relayed >= 2 * BLOCK, 30, "two blocks relayed")
         registry.stop()
-        assert _wait(lambda: METRICS.errors.get("bk_download", 0) > errors_before)
+        wait_for(lambda: METRICS.errors.get("bk_download", 0) > errors_before, 30, "a counted bk_download error")
         first = fault_proxy.bytes_relayed
         assert (d / ".download").exists() and not (d / "overlaybd.commit").exists()
         registry.start()
-        assert _wait(lambda: f.switched)
+        wait_for(lambda: f.switched, 30, "the switch to the downloaded file")
     finally:
         f.client.deadline = 30.0
         f.close()

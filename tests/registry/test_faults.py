@@ -9,16 +9,15 @@ import logging
 import os
 import subprocess
 import threading
-import time
 
 import pytest
+from helpers.registry import build_layout, device, make_service
+from helpers.vectors import L01_SHA, logical_sha256
+from helpers.wait import wait_for
 from overlaybd.image.image import open_image
 from overlaybd.registry import RegistryError, client_for, open_remote_blob
 from overlaybd.registry.download import DOWNLOADER
 from overlaybd.registry.metrics import METRICS
-
-from .conftest import L01_SHA256, build_layout
-from .helpers import device, make_service, sha256_of
 
 pytestmark = pytest.mark.registry
 
@@ -38,7 +37,7 @@ def test_registry_restarted_mid_read(tmp_path, registry, l01):
         restart = threading.Timer(1.0, registry.start)
         restart.start()
         try:
-            assert sha256_of(img) == L01_SHA256  # blocks until the registry is back, then resumes
+            assert logical_sha256(img) == L01_SHA  # blocks until the registry is back, then resumes
         finally:
             restart.join()
         assert img.pread(4096, 1 << 20) == first
@@ -50,7 +49,7 @@ def test_injected_500s_and_truncated_bodies(tmp_path, fault_proxy, l01):
     with open_image(device(f"http://{fault_proxy.host}/v2/vec/l01/blobs", l01), svc) as img:
         fault_proxy.fail_next = 3
         fault_proxy.truncate_next = 3
-        assert sha256_of(img) == L01_SHA256
+        assert logical_sha256(img) == L01_SHA
     assert fault_proxy.fail_next == 0 and fault_proxy.truncate_next == 0
     assert METRICS.errors.get("http_5xx", 0) >= errors_before.get("http_5xx", 0) + 3
 
@@ -76,15 +75,6 @@ def test_missing_blob_is_enoent(tmp_path, registry, l01):
     assert ei.value.errno == errno.ENOENT and ei.value.status == 404
 
 
-def _wait(pred, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def test_background_download_switches_to_local(tmp_path, registry, l01):
     dirs = [str(tmp_path / "layer0"), str(tmp_path / "layer1")]
     for d in dirs:
@@ -97,7 +87,7 @@ def test_background_download_switches_to_local(tmp_path, registry, l01):
     url = f"http://{registry.host}/v2/vec/l01/blobs"
     files = [open_remote_blob(url, lo, svc) for lo in device(url, l01, dirs).lowers]
     try:
-        assert _wait(lambda: all(f.switched for f in files))
+        wait_for(lambda: all(f.switched for f in files), 30, "every layer to switch to its downloaded file")
         for d, desc in zip(dirs, l01, strict=True):
             data = open(os.path.join(d, "overlaybd.commit"), "rb").read()
             assert "sha256:" + hashlib.sha256(data).hexdigest() == desc["digest"]
@@ -124,9 +114,13 @@ def test_background_download_digest_mismatch_discarded(tmp_path, registry, l01, 
     cfg = device(f"http://{registry.host}/v2/vec/l01/blobs", l01, ["", str(d)])
     caplog.set_level(logging.ERROR, logger="overlaybd.registry.download")
     with open_image(cfg, svc) as img:
-        assert _wait(lambda: "hashes to" in caplog.text and DOWNLOADER.pending() == 0)
+        wait_for(
+            lambda: "hashes to" in caplog.text and DOWNLOADER.pending() == 0,
+            30,
+            "the digest mismatch to be logged and the queue to drain",
+        )
         assert os.listdir(d) == []  # discarded, temp file removed
-        assert sha256_of(img) == L01_SHA256  # still served remotely
+        assert logical_sha256(img) == L01_SHA  # still served remotely
     assert l01[1]["digest"] in caplog.text and "discarded" in caplog.text
 
 
@@ -149,8 +143,8 @@ def test_cache_dir_full_still_serves(tmp_path, registry, l01, tiny_tmpfs):
     )
     full_before = METRICS.errors.get("cache_full", 0)
     with open_image(device(f"http://{registry.host}/v2/vec/l01/blobs", l01), svc) as img:
-        assert sha256_of(img) == L01_SHA256
-        assert sha256_of(img) == L01_SHA256
+        assert logical_sha256(img) == L01_SHA
+        assert logical_sha256(img) == L01_SHA
     assert METRICS.errors.get("cache_full", 0) > full_before  # pages that did not fit were served anyway
 
 
@@ -158,7 +152,7 @@ def test_corrupted_cache_files_are_refetched(tmp_path, fault_proxy, l01):
     svc = make_service(tmp_path, refill=4096)
     cfg = device(f"http://{fault_proxy.host}/v2/vec/l01/blobs", l01)
     with open_image(cfg, svc) as img:
-        assert sha256_of(img) == L01_SHA256
+        assert logical_sha256(img) == L01_SHA
     fetched = fault_proxy.bytes_relayed
     # flip bytes in every cached page of L0's data file, and truncate L1's
     data0 = tmp_path / "cache" / l01[0]["digest"]
@@ -169,13 +163,13 @@ def test_corrupted_cache_files_are_refetched(tmp_path, fault_proxy, l01):
     os.truncate(tmp_path / "cache" / l01[1]["digest"], 5000)
     corrupt_before = METRICS.cache_corrupt_blocks
     with open_image(cfg, make_service(tmp_path, refill=4096)) as img:  # as after a daemon restart
-        assert sha256_of(img) == L01_SHA256
+        assert logical_sha256(img) == L01_SHA
     assert METRICS.cache_corrupt_blocks > corrupt_before
     assert fault_proxy.bytes_relayed > fetched
     # and now it is healthy again: a third open reads without traffic
     fetched = fault_proxy.bytes_relayed
     with open_image(cfg, make_service(tmp_path, refill=4096)) as img:
-        assert sha256_of(img) == L01_SHA256
+        assert logical_sha256(img) == L01_SHA
     assert fault_proxy.bytes_relayed == fetched
 
 
@@ -198,7 +192,7 @@ def test_background_download_rate_limit_paces_requests(tmp_path, registry, monke
     url = f"http://{registry.host}/v2/vec/rate/blobs"
     f = open_remote_blob(url, device(url, layers, [str(d)]).lowers[0], svc)
     try:
-        assert _wait(lambda: f.switched)
+        wait_for(lambda: f.switched, 30, "the switch to the downloaded file")
     finally:
         f.close()
     assert sum(sleeps) >= 2.5  # 3 MiB at 1 MiB/s: ~3 s of pauses requested, minus the fetch time itself
@@ -210,7 +204,7 @@ def test_cache_survives_restart_with_registry_down(tmp_path, registry, l01):
     from the cache, even with the registry unreachable."""
     cfg = device(f"http://{registry.host}/v2/vec/l01/blobs", l01)
     with open_image(cfg, make_service(tmp_path, refill=4096)) as img:
-        assert sha256_of(img) == L01_SHA256
+        assert logical_sha256(img) == L01_SHA
     registry.stop()
     with open_image(cfg, make_service(tmp_path, refill=4096)) as img:
-        assert sha256_of(img) == L01_SHA256
+        assert logical_sha256(img) == L01_SHA

@@ -9,12 +9,11 @@ import hashlib
 import os
 
 import pytest
+from helpers.registry import build_layout, device, make_service
+from helpers.vectors import L01_SHA, logical_sha256
 from overlaybd.image.image import open_image
 from overlaybd.registry import RegistryClient, RegistryError, open_remote_blob, parse_reference
 from overlaybd.registry.metrics import METRICS
-
-from .conftest import L01_SHA256, build_layout
-from .helpers import device, make_service, sha256_of
 
 pytestmark = pytest.mark.registry
 
@@ -32,7 +31,7 @@ def test_image_from_registry_matches_local_hash(tmp_path, registry, fault_proxy,
         partial = fault_proxy.bytes_relayed
         total_blobs = sum(x["size"] for x in layers)
         assert 0 < partial < total_blobs
-        assert sha256_of(img) == L01_SHA256
+        assert logical_sha256(img) == L01_SHA
     audit = (tmp_path / "audit.log").read_text()
     assert "|AUDIT|th=" in audit and "|download[pathname=http://" in audit
 
@@ -88,9 +87,8 @@ def test_client_manifest_and_blob_api(tmp_path, registry, vector_layers):
 
 
 def test_index_platform_selection_and_docker_v2(tmp_path, registry, vectors):
+    from helpers.registry import build_multiarch_layout
     from overlaybd.registry.client import MEDIA_DOCKER_MANIFEST
-
-    from .conftest import build_multiarch_layout
 
     l0, l1 = vectors / "commit" / "L0.commit", vectors / "commit" / "L1.commit"
     digests = build_multiarch_layout(tmp_path / "multi", "m", {"amd64": [l0], "arm64": [l1]})
@@ -118,5 +116,5 @@ def test_blob_redirect_followed_and_reused(tmp_path, registry, fault_proxy, vect
     fault_proxy.redirect_blobs = True
     svc = make_service(tmp_path, refill=4096)
     with open_image(device(f"http://{fault_proxy.host}/v2/vec/l01/blobs", layers), svc) as img:
-        assert sha256_of(img) == L01_SHA256
+        assert logical_sha256(img) == L01_SHA
     assert fault_proxy.redirects == 2  # one resolution per blob, then straight to the target

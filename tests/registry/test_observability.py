@@ -6,11 +6,10 @@ import re
 import urllib.request
 
 import pytest
+from helpers.registry import build_layout, device, free_port, make_service
+from helpers.vectors import L01_SHA, logical_sha256
 from overlaybd.image.image import open_image
 from overlaybd.registry.metrics import stop_exporter
-
-from .conftest import L01_SHA256, build_layout, free_port
-from .helpers import device, make_service, sha256_of
 
 pytestmark = pytest.mark.registry
 
@@ -29,8 +28,8 @@ def test_metrics_endpoint_and_audit(tmp_path, registry, l01):
     )
     try:
         with open_image(device(f"http://{registry.host}/v2/vec/l01/blobs", l01), svc) as img:
-            assert sha256_of(img) == L01_SHA256
-            assert sha256_of(img) == L01_SHA256
+            assert logical_sha256(img) == L01_SHA
+            assert logical_sha256(img) == L01_SHA
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/m", timeout=5).read().decode()
     finally:
         stop_exporter()
@@ -53,5 +52,5 @@ def test_p2p_routes_blob_requests(tmp_path, registry, fault_proxy, l01, mode):
     addr = f"http://{fault_proxy.host}" + ("/accelerator" if mode == "prefix" else "")
     svc = make_service(tmp_path, extra={"p2pConfig": {"enable": True, "address": addr}})
     with open_image(device(f"http://{registry.host}/v2/vec/l01/blobs", l01), svc) as img:
-        assert sha256_of(img) == L01_SHA256
+        assert logical_sha256(img) == L01_SHA
     assert fault_proxy.p2p_requests > 0 and fault_proxy.bytes_relayed > 0

@@ -18,13 +18,13 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers.registry import build_layout, device, make_service
+from helpers.vectors import L01_SHA, logical_sha256
 from overlaybd.image.image import open_image
 from overlaybd.registry import RegistryClient, RegistryError, client_for, open_remote_blob, parse_reference
 from overlaybd.registry.client import MAX_BLOB_SIZE
 from overlaybd.registry.image_ref import parse_blob_url, redact_url
 
-from .conftest import L01_SHA256, build_layout
-from .helpers import device, make_service, sha256_of
 from .hostile import HostileServer, Listener
 
 pytestmark = pytest.mark.registry
@@ -279,7 +279,7 @@ def test_url_userinfo_is_used_but_never_logged_or_audited(tmp_path, basic_regist
     svc = make_service(tmp_path, refill=4096, audit=True)  # cred.json is empty: only the URL has them
     caplog.set_level(logging.DEBUG)
     with open_image(device(url, layers), svc) as img:
-        assert sha256_of(img) == L01_SHA256
+        assert logical_sha256(img) == L01_SHA
         basic_registry.stop()
         (tmp_path / "cold").mkdir()
         cold = make_service(tmp_path / "cold", refill=4096, audit=True)

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from helpers.registry import build_layout, device, make_service
+from helpers.vectors import L01_SHA, logical_sha256
 from overlaybd.image.image import open_image
 from overlaybd.registry import RegistryError, client_for, open_remote_blob
-
-from .conftest import L01_SHA256, build_layout
-from .helpers import device, make_service, sha256_of
 
 pytestmark = pytest.mark.registry
 
@@ -27,7 +26,7 @@ def test_https_with_client_certificate_uses_http2(tmp_path, tls_registry, vector
         },
     )
     with open_image(device(url, layers), svc) as img:
-        assert sha256_of(img) == L01_SHA256
+        assert logical_sha256(img) == L01_SHA
     assert client_for(svc).transport.last_http_version == 2  # negotiated by ALPN, as the registry offers it
 
 

@@ -1,4 +1,4 @@
-"""Fixtures: containerd + overlaybd-snapshotter stacks and a loopback registry (see harness.py).
+"""Fixtures: containerd + overlaybd-snapshotter stacks and a loopback registry (see helpers/containerd_stack.py).
 
 Everything started here is stopped in the finalizer even when the test fails: tasks and
 containers are killed/deleted, containerd, the snapshotter and the daemon terminated, then every
@@ -13,8 +13,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-
-from .harness import Registry, Stack, new_base, release_below
+from helpers.containerd_stack import Registry, Stack, new_base, release_below
 
 
 @pytest.fixture
@@ -37,6 +36,16 @@ def stack_factory():
         finally:
             release_below(str(base))
             shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def lazy_stack(stack_factory, registry) -> Stack:
+    """A stack with the overlaybd daemon (FUSE frontend) whose snapshotter pulls from `registry` over http."""
+    s = stack_factory({"mirrorRegistry": [{"host": registry.host, "insecure": True}]}, start=False)
+    s.start_daemon()
+    s.start_snapshotter()
+    s.start_containerd()
+    return s
 
 
 @pytest.fixture

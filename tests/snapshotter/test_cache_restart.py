@@ -9,15 +9,14 @@ import os
 import random
 
 import pytest
+from helpers.containerd_stack import rpull
+from helpers.oci_images import busybox_layer, files_layer, write_layout
 from overlaybd.cli.convert import main as convert_main
-
-from .images import busybox_layer, files_layer, write_layout
-from .test_remote import lazy_stack, rpull  # noqa: F401 (fixture)
 
 pytestmark = [pytest.mark.containerd, pytest.mark.registry, pytest.mark.slow]
 
 
-def test_cold_read_then_restart_with_registry_stopped(lazy_stack, registry, tmp_path, cname):  # noqa: F811
+def test_cold_read_then_restart_with_registry_stopped(lazy_stack, registry, tmp_path, cname):
     big = random.Random(14).randbytes(100 << 20)  # incompressible: the ZFile layer is ~100 MiB as well
     want = hashlib.sha256(big).hexdigest()
     src, dst = tmp_path / "src", tmp_path / "dst"

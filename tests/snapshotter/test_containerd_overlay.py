@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-
-from .harness import IMAGE
+from helpers.containerd_stack import IMAGE
 
 pytestmark = pytest.mark.containerd
 

@@ -8,8 +8,7 @@ import sqlite3
 import time
 
 import pytest
-
-from .harness import IMAGE
+from helpers.containerd_stack import IMAGE
 
 pytestmark = pytest.mark.containerd
 
@@ -86,7 +85,7 @@ def test_sigterm_is_graceful(stack):
 
 
 def _tar(stack):
-    from .images import busybox_layer, write_layout_tar
+    from helpers.oci_images import busybox_layer, write_layout_tar
 
     tar = stack.base / "busybox-oci.tar"
     if not tar.exists():

@@ -8,9 +8,8 @@ import subprocess
 
 import grpc
 import pytest
+from helpers.containerd_stack import IMAGE
 from overlaybd.containerd_api import snapshots_pb2 as pb
-
-from .harness import IMAGE
 
 DIGEST = "sha256:" + "ab" * 32
 REMOTE = {
@@ -133,8 +132,8 @@ def test_disk_full_state_dir(stack_factory, small_fs):
 def test_disk_full_surfaces_through_ctr(stack_factory, small_fs, cname):
     s = stack_factory({"root": str(small_fs / "root")})
     _fill(str(small_fs / "filler"))
-    from .harness import IMAGE as image
-    from .images import busybox_layer, write_layout_tar
+    from helpers.containerd_stack import IMAGE as image
+    from helpers.oci_images import busybox_layer, write_layout_tar
 
     tar = s.base / "bb.tar"
     write_layout_tar(tar, s.base / "layout", image, [busybox_layer()])

@@ -13,13 +13,11 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers.containerd_stack import VENV_BIN, rpull
+from helpers.oci_images import busybox_layer, files_layer, write_layout
 from overlaybd.cli.convert import main as convert_main
 from overlaybd.format.trace import read_trace
 from overlaybd.snapshotter import labels as L
-
-from .harness import VENV_BIN
-from .images import busybox_layer, files_layer, write_layout
-from .test_remote import rpull
 
 MiB = 1 << 20
 BIG = random.Random(7).randbytes(4 * MiB)  # read by the recorded command

@@ -4,17 +4,14 @@ ctr run --snapshotter=overlaybd, with the device served by the daemon's FUSE fro
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers.containerd_stack import rpull
+from helpers.oci_images import busybox_layer, files_layer, write_layout
 from overlaybd.cli.convert import main as convert_main
 
-from .images import busybox_layer, files_layer, write_layout
-
 pytestmark = [pytest.mark.containerd, pytest.mark.registry]
-
-RPULL = [sys.executable, "-m", "overlaybd.cli.rpull"]
 
 
 @pytest.fixture
@@ -30,26 +27,6 @@ def obd_image(registry, tmp_path) -> tuple[str, list[str]]:
     mdigest = idx["manifests"][0]["digest"]
     manifest = json.loads((dst / "blobs/sha256" / mdigest[7:]).read_text())
     return ref, [ly["digest"] for ly in manifest["layers"]]
-
-
-@pytest.fixture
-def lazy_stack(stack_factory, registry):
-    s = stack_factory({"mirrorRegistry": [{"host": registry.host, "insecure": True}]}, start=False)
-    s.start_daemon()
-    s.start_snapshotter()
-    s.start_containerd()
-    return s
-
-
-def rpull(stack, ref, check=True):
-    r = subprocess.run(
-        [*RPULL, "--address", str(stack.sock), "--plain-http", ref], capture_output=True, text=True, timeout=120
-    )
-    if check:
-        assert r.returncode == 0, (
-            f"{r.stderr}\n--- snapshotter ---\n{stack.log('snapshotter')}\n--- daemon ---\n{stack.log('daemon')}"
-        )
-    return r
 
 
 def test_rpull_then_run_lazily(lazy_stack, obd_image, cname):

@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import tarfile
 from pathlib import Path
 
 import pytest
+from helpers.oci_images import busybox_layer, write_layout
 from overlaybd.cli.convert import main as convert_main
-
-from .images import busybox_layer, write_layout
 
 pytestmark = pytest.mark.vm
 
@@ -35,8 +33,7 @@ CHECKS = [
 
 @pytest.fixture(scope="module")
 def guest_results(tmp_path_factory):
-    sys.path.insert(0, str(HERE.parent / "vm"))
-    from qemu import Guest
+    from helpers.qemu import Guest
 
     why = Guest.available()
     if why:

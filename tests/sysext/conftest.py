@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sysext_helpers import FLATCAR_VERSION, REPO, Built, build, needs_root, run
+from helpers.sysext import FLATCAR_VERSION, REPO, Built, build, needs_root, run
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from sysext_helpers import BUILD_SH, REPO, run
+from helpers.sysext import BUILD_SH, REPO, run
 
 sys.path.insert(0, str(REPO / "sysext"))
 import buildtool

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from sysext_helpers import BUILD_SH, FLATCAR_VERSION, NAME, REPO, Built, run
+from helpers.sysext import BUILD_SH, FLATCAR_VERSION, NAME, REPO, Built, run
 
 pytestmark = pytest.mark.sysext
 

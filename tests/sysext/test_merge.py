@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from sysext_helpers import FLATCAR_VERSION, NAME, PYTHON, REPO, Built, needs_root, run
+from helpers.sysext import FLATCAR_VERSION, NAME, PYTHON, REPO, Built, needs_root, run
 
 pytestmark = pytest.mark.sysext
 

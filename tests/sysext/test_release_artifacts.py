@@ -12,8 +12,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from helpers.sysext import ARCH, NAME, PAYLOAD, Built, needs_root, run
 from overlaybd.update_payload import verify_and_extract
-from sysext_helpers import ARCH, NAME, PAYLOAD, Built, needs_root, run
 
 CONTENTS_LINE = re.compile(r"^[-dl][rwxsStT-]{9} +\d+ root +root +\d+ \d{4}-\d\d-\d\d \d\d:\d\d \./\S*( -> \S+)?$")
 WTD_LINE = re.compile(r"^[-dl][rwxsStT-]{9} \d+ \d+ \d+ \d+ \./\S*$")

@@ -6,8 +6,11 @@ The netlink socket is replaced by a list of events and a list of replies; the de
 from __future__ import annotations
 
 import errno
+import os
 
+import pytest
 from overlaybd.daemon.main import choose_frontend
+from overlaybd.tcmu import configfs
 from overlaybd.tcmu import netlink as nl
 from overlaybd.tcmu.frontend import TcmuFrontend
 
@@ -61,5 +64,36 @@ def test_replies():
 
 def test_forced_frontend():
     assert choose_frontend("fuse") == ("fuse", "requested")
+    assert choose_frontend("tcmu") == ("tcmu", "requested")
+
+
+def test_auto_frontend_on_this_host():
+    """What this host must get: TCMU only with target_core_user loaded and configfs mounted (read after the
+    choice, which may have loaded the module), and the reason names what is missing."""
     kind, why = choose_frontend("auto")
-    assert kind in ("tcmu", "fuse") and why
+    module = os.path.isdir("/sys/module/target_core_user")
+    core = os.path.isdir(f"{configfs.CONFIGFS}/core")
+    if not module:
+        assert (kind, why) == ("fuse", "kernel module target_core_user not loaded (modprobe failed)")
+    elif not core:
+        assert (kind, why) == ("fuse", f"{configfs.CONFIGFS}/core missing (configfs not mounted?)")
+    else:
+        assert (kind, why) == ("tcmu", "target_core_user loaded")
+
+
+@pytest.mark.parametrize(
+    ("present", "expected"),
+    [
+        ({"/sys/module/target_core_user", f"{configfs.CONFIGFS}/core"}, ("tcmu", "target_core_user loaded")),
+        ({f"{configfs.CONFIGFS}/core"}, ("fuse", "kernel module target_core_user not loaded (modprobe failed)")),
+        ({"/sys/module/target_core_user"}, ("fuse", f"{configfs.CONFIGFS}/core missing (configfs not mounted?)")),
+    ],
+)
+def test_auto_frontend_decision(monkeypatch, present, expected):
+    """Each host shape gets its frontend and reason; a missing module is modprobed first (here: to no avail)."""
+    modprobes = []
+    monkeypatch.setattr(configfs.os.path, "isdir", lambda p: p in present)
+    monkeypatch.setattr(configfs.subprocess, "run", lambda argv, **kw: modprobes.append(argv))
+    assert choose_frontend("auto") == expected
+    module_missing = "/sys/module/target_core_user" not in present
+    assert modprobes == ([["modprobe", "target_core_user"]] if module_missing else [])

@@ -6,10 +6,10 @@ import struct
 import threading
 
 import pytest
+from helpers.tcmu_fakes import KernelRing, MemImage
 from overlaybd.tcmu import ring as R
 from overlaybd.tcmu.backstore import CommandProcessor
 from overlaybd.tcmu.scsi import ScsiDisk
-from tcmu_fakes import KernelRing, MemImage
 
 
 def read10(lba: int, n: int) -> bytes:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import struct
 
 import pytest
+from helpers.tcmu_fakes import MemImage
 from overlaybd.format.errors import BadChecksum, ReadOnly
 from overlaybd.tcmu import scsi as S
-from tcmu_fakes import MemImage
 
 SIZE = 8 << 20
 NUM = SIZE // 512

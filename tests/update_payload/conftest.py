@@ -6,8 +6,8 @@ import random
 from pathlib import Path
 
 import pytest
+from helpers.payload import Keys
 from overlaybd.update_payload import generate_key_pem, public_key_pem
-from payload_helpers import Keys
 
 
 @pytest.fixture(scope="session")

@@ -12,10 +12,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers.payload import Keys, flip, no_stray_files
 from overlaybd.cli import TOOLS
 from overlaybd.cli.download_sysext import main
 from overlaybd.update_payload import write_payload
-from payload_helpers import Keys, flip, no_stray_files
 
 TOOL = "overlaybd-download-sysext"
 

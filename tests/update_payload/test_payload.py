@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, utils
+from helpers.payload import Keys, flip
 from overlaybd.update_payload import (
     BadMagic,
     BadSignature,
@@ -28,7 +29,6 @@ from overlaybd.update_payload import (
 )
 from overlaybd.update_payload import update_metadata_pb2 as pb
 from overlaybd.update_payload.layout import load_private_key
-from payload_helpers import Keys, flip
 
 
 def parts(data: bytes) -> tuple[int, pb.DeltaArchiveManifest, int]:

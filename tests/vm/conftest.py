@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
-
-from qemu import Guest  # noqa: E402
+from helpers.qemu import Guest
 
 
 @pytest.fixture(scope="session")

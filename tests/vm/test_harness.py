@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from qemu import KVER, REPO
+from helpers.qemu import KVER, REPO
 
 pytestmark = pytest.mark.vm
 

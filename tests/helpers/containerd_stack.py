@@ -18,20 +18,12 @@ import time
 import uuid
 from pathlib import Path
 
-from .images import busybox_layer, write_layout_tar
+from helpers.oci_images import busybox_layer, write_layout_tar
+from helpers.wait import wait_for
 
 VENV_BIN = Path(sys.executable).parent
 
 IMAGE = "localhost/obdtest/busybox:1"
-
-
-def wait_for(pred, timeout: float, what: str) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
 
 
 def mounts_below(path: str) -> list[str]:
@@ -328,3 +320,18 @@ http:
             capture_output=True,
         )
         return ref
+
+
+RPULL = [sys.executable, "-m", "overlaybd.cli.rpull"]
+
+
+def rpull(stack: Stack, ref: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """`rpull` of `ref` into the stack's containerd over plain http; on failure the daemons' logs are shown."""
+    r = subprocess.run(
+        [*RPULL, "--address", str(stack.sock), "--plain-http", ref], capture_output=True, text=True, timeout=120
+    )
+    if check:
+        assert r.returncode == 0, (
+            f"{r.stderr}\n--- snapshotter ---\n{stack.log('snapshotter')}\n--- daemon ---\n{stack.log('daemon')}"
+        )
+    return r
