@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from concurrent import futures
+from typing import cast
 
 import grpc
 
@@ -36,7 +37,7 @@ def info(s: Snapshot) -> snapshots_pb2.Info:
     return snapshots_pb2.Info(
         name=s.key,
         parent=s.parent,
-        kind=s.kind,
+        kind=cast(snapshots_pb2.Kind, s.kind),
         created_at=_ts(s.created_ns),
         updated_at=_ts(s.updated_ns),
         labels=s.labels,

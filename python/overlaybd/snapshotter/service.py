@@ -10,6 +10,7 @@ are brought up and down by `lifecycle.DeviceLifecycle`; this module decides when
 
 from __future__ import annotations
 
+import builtins
 import errno
 import logging
 import os
@@ -401,7 +402,7 @@ class Snapshotter:
         self._guard(self._remove_orphans)
 
     # -- start-up --------------------------------------------------------------------------------
-    def _remove_orphans(self) -> list[str]:
+    def _remove_orphans(self) -> builtins.list[str]:
         with self.store.transaction() as tx:
             ids = {str(s.id) for s in tx.all()}
         removed = []

@@ -124,7 +124,8 @@ class Transaction:
             "INSERT INTO snapshots (key, parent, kind, created_ns, updated_ns, labels) VALUES (?, ?, ?, ?, ?, ?)",
             (key, parent, kind, t, t, json.dumps(labels, sort_keys=True)),
         )
-        return Snapshot(int(cur.lastrowid), key, parent, kind, t, t, dict(labels))
+        assert cur.lastrowid is not None  # an INSERT always sets it
+        return Snapshot(cur.lastrowid, key, parent, kind, t, t, dict(labels))
 
     def save(self, s: Snapshot) -> None:
         """Write back every mutable column of `s` (matched by id)."""
