@@ -270,7 +270,8 @@ class _Applier:
 
         With `create`, missing directories are made (0755, root) and lower non-directories on the way
         replaced by directories; without it, None when something on the way is not a directory."""
-        todo, out, links = list(parts), [], 0
+        todo, links = list(parts), 0
+        out: list[str] = []
         while todo:
             c = todo.pop(0)
             if c in ("", "."):
@@ -424,7 +425,8 @@ class _Applier:
         src = self.tf.fileobj
         assert src is not None
         src.seek(m.offset_data)
-        for offset, length in m.sparse or [(0, m.size)]:
+        sparse: list[tuple[int, int]] = m.sparse or [(0, m.size)]  # type: ignore[assignment]  # typeshed: list[int]
+        for offset, length in sparse:
             while length > 0:
                 chunk = src.read(min(length, CHUNK))
                 if not chunk:
