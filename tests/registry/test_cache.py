@@ -249,6 +249,31 @@ def test_digest_mismatch_fails_the_full_read(tmp_path, caplog):
     assert "as served by the registry hashes to" in caplog.text
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_whole_blob_check_whatever_order_pieces_are_stored(tmp_path, seed):
+    """The running sha256 is extended from memory for pieces stored at its front and from the data file for
+    pieces stored ahead of it (out of order, or while the hasher thread runs): in any order the verdict is
+    the blob's, and one wrong byte anywhere fails it."""
+    rng = random.Random(seed)
+    good = os.urandom(rng.randrange(40, 80) * PAGE + rng.randrange(1, PAGE))
+    for wrong in (False, True):
+        data = bytearray(good)
+        if wrong:
+            data[rng.randrange(len(data))] ^= 0x40
+        cache = BlockCache(str(tmp_path / f"{seed}-{wrong}"), 1 << 30, 65536)
+        st = cache.open_blob(digest(good), len(good))
+        cuts = sorted(rng.sample(range(1, st.npages), 6))
+        spans = list(zip([0, *cuts], [*cuts, st.npages], strict=True))
+        if seed % 2:
+            rng.shuffle(spans)
+        for a, b in spans:
+            st.store(a * PAGE, memoryview(data)[a * PAGE : min(b * PAGE, len(data))])
+            if rng.random() < 0.3:
+                st._kick_hash()  # the hasher thread racing the writer
+        assert (st.complete, bool(st.failed)) == ((False, True) if wrong else (True, False))
+        cache.release(st)
+
+
 def test_cache_touches_only_its_own_files(tmp_path, capsys):
     d = tmp_path / "c"
     cache = BlockCache(str(d), 1 << 30, 65536)

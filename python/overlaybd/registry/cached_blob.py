@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import mmap
 import os
 import threading
 import time
@@ -31,6 +32,8 @@ READAHEAD_MAX = 32 << 20
 # whole window, and the two workers download consecutive pieces over two connections.
 READAHEAD_PIECE = 16 << 20
 Fetch = Callable[[int, memoryview], int]  # (offset, buffer) -> bytes read, from the source
+Buffer = bytearray | mmap.mmap  # a pooled fetch buffer
+POOL_CLASS_MIN = 1 << 20  # fetch buffers from this size on come in power-of-two classes (see _BufferPool)
 
 
 class CachedBlob:
@@ -227,7 +230,7 @@ class CachedBlob:
     def _fetch(self, p: _Pending) -> None:
         """Fetch p's range; its data is usable by waiters as soon as it arrives, stored to disk afterwards."""
         buf = _BUFFERS.get(p.end - p.start)  # reused: no zeroing and page faults per fetch
-        data = memoryview(buf)
+        data = memoryview(buf)[: p.end - p.start]
         t0 = time.monotonic()
         try:
             got = self.fetch(p.start, data)
@@ -395,7 +398,7 @@ class _Pending:
         self.start = start
         self.end = end
         self.data: memoryview | None = None
-        self.buf: bytearray | None = None  # from _BUFFERS; returned when the last reference is dropped
+        self.buf: Buffer | None = None  # from _BUFFERS; returned when the last reference is dropped
         self.refs = 0
         self.ready = threading.Event()
         self.finished = threading.Event()  # written to the cache files (or given up)
@@ -422,30 +425,38 @@ class _ByteBudget:
 
 
 class _BufferPool:
-    """Fetch buffers kept for reuse while a stream runs, by exact size (readahead pieces repeat one size).
+    """Fetch buffers kept for reuse while a stream runs, by size class (a piece gets a buffer at least its size).
 
-    A fresh bytearray is zeroed and page-faulted in under the GIL: for a stream at loopback speed that
-    costs as much as another copy of the data. Buffers are kept only while some buffer is still out
-    (a stream or its cache writes are running); once all are back, the pool empties, so an idle
-    daemon does not hold this memory."""
+    A fresh bytearray is zeroed (memset, under the GIL) and page-faulted in: for a stream at loopback speed
+    that costs as much as another copy of the data, and it stalls the other threads' libcurl callbacks.
+    Readahead pieces come in many sizes (the window grows, runs end where the cache already has data), so
+    buffers of 1 MiB and more are kept in power-of-two classes (exact sizes missed on half the pieces), and
+    fresh ones are private anonymous mappings: the kernel supplies zeroed pages as they are first written,
+    without a memset under the GIL. Buffers are kept only while some buffer is still out (a stream or its
+    cache writes are running); once all are back, the pool empties, so an idle daemon does not hold this
+    memory."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.kept = 0
         self.out = 0
-        self.free: dict[int, list[bytearray]] = {}
+        self.free: dict[int, list[Buffer]] = {}
         self.lock = threading.Lock()
 
-    def get(self, n: int) -> bytearray:
+    def get(self, n: int) -> Buffer:
+        """A buffer of at least n bytes (slice it)."""
+        cap = n if n < POOL_CLASS_MIN else 1 << (n - 1).bit_length()
         with self.lock:
             self.out += 1
-            lst = self.free.get(n)
+            lst = self.free.get(cap)
             if lst:
-                self.kept -= n
+                self.kept -= cap
                 return lst.pop()
-        return bytearray(n)
+        if cap < POOL_CLASS_MIN:
+            return bytearray(cap)
+        return mmap.mmap(-1, cap, flags=mmap.MAP_PRIVATE)
 
-    def put(self, buf: bytearray) -> None:
+    def put(self, buf: Buffer) -> None:
         n = len(buf)
         with self.lock:
             self.out -= 1
