@@ -58,6 +58,8 @@ def _record(
             str(timeout),
             "--work-dir",
             str(work),
+            "--trace-dir",
+            str(stack.snap_root / "trace"),
             ref,
             new_ref,
             "--",
@@ -116,8 +118,8 @@ def test_record_publish_and_replay(stack_factory, registry, traced_image, tmp_pa
     assert "read-ok" in r.stdout
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     trace_path = tmp_path / "rec" / "trace"
-    assert summary["records"] > 0 and Path(str(trace_path) + ".ok").exists()
-    assert not Path(str(trace_path) + ".lock").exists()
+    assert summary["records"] > 0 and summary["trace"] == str(trace_path)
+    assert list((a.snap_root / "trace").iterdir()) == []  # the recording's own directory is gone
     records = read_trace(trace_path)
     assert {rec.layer_index for rec in records} <= {0, 1} and sum(rec.count for rec in records) >= len(BIG)
     # recording was for that one attach: no layer config keeps recordTracePath

@@ -130,13 +130,18 @@ def test_unit_contents(mounted: Path, daemon: str) -> None:
     assert "Restart=always\n" in text
     after = next(ln for ln in text.splitlines() if ln.startswith("After="))
     assert "systemd-tmpfiles-setup.service" in after.split("=", 1)[1].split()
-    pre = next(ln for ln in text.splitlines() if ln.startswith("ExecStartPre="))
+    pre = [ln for ln in text.splitlines() if ln.startswith("ExecStartPre=")]
+    # First its own /etc configuration (a runtime merge starts the unit before any tmpfiles run; the file
+    # is shipped in the image), then the modules.
+    conf = "10-overlaybd.conf" if daemon == "overlaybd-tcmu" else "10-overlaybd-snapshotter.conf"
+    assert (mounted / "usr/lib/tmpfiles.d" / conf).is_file()
+    assert pre[0] == f"ExecStartPre=/usr/bin/systemd-tmpfiles --create /usr/lib/tmpfiles.d/{conf}"
     # -a: every name is a module (upstream's form passed "overlay" as a parameter of target_core_user).
     if daemon == "overlaybd-tcmu":
         # "-": a kernel without TCMU is fine, the daemon falls back to FUSE + loop.
-        assert pre == "ExecStartPre=-/usr/sbin/modprobe -a target_core_user tcm_loop fuse loop"
+        assert pre[1:] == ["ExecStartPre=-/usr/sbin/modprobe -a target_core_user tcm_loop fuse loop"]
     else:
-        assert pre == "ExecStartPre=-/usr/sbin/modprobe -a overlay target_core_user tcm_loop"
+        assert pre[1:] == ["ExecStartPre=-/usr/sbin/modprobe -a overlay target_core_user tcm_loop"]
 
 
 def test_contents_listing_and_sha256(sysext_build: Built) -> None:

@@ -20,13 +20,15 @@ DAEMONS = ("overlaybd-tcmu", "overlaybd-snapshotter")
 
 
 def scratch_root(tmp_path: Path, image: Path, os_release: str, name: str = NAME) -> Path:
-    """A minimal 'host': /usr/lib/os-release, /usr/sbin/modprobe (as on Flatcar), the image in
-    /var/lib/extensions. The image is hard-linked when possible (same fs), else copied."""
+    """A minimal 'host': /usr/lib/os-release, /usr/sbin/modprobe, /usr/bin/systemd-tmpfiles (as on Flatcar), the
+    image in /var/lib/extensions. The image is hard-linked when possible (same fs), else copied."""
     root = tmp_path / "root"
     (root / "usr/lib").mkdir(parents=True)
     (root / "usr/lib/os-release").write_text(os_release)
     (root / "usr/sbin").mkdir()
     shutil.copy2(shutil.which("modprobe") or "/usr/sbin/modprobe", root / "usr/sbin/modprobe")
+    (root / "usr/bin").mkdir()  # the units' ExecStartPre runs /usr/bin/systemd-tmpfiles (as on Flatcar)
+    shutil.copy2(shutil.which("systemd-tmpfiles") or "/usr/bin/systemd-tmpfiles", root / "usr/bin/systemd-tmpfiles")
     ext = root / "var/lib/extensions"
     ext.mkdir(parents=True)
     try:

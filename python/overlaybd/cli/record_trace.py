@@ -16,6 +16,13 @@ import tempfile
 from overlaybd import __version__
 
 
+def _snapshotter_trace_dir() -> str:
+    """traceDir of the local snapshotter's config.json (its default when the file is missing)."""
+    from overlaybd.config.snapshotter import DEFAULT_PATH, config_from_dict, load_config
+
+    return (load_config(DEFAULT_PATH) if os.path.exists(DEFAULT_PATH) else config_from_dict({})).trace_dir
+
+
 def main(argv: list[str] | None = None) -> int:
     from overlaybd.containerd_client.trace_recorder import RecordTraceError, describe, record_trace
 
@@ -36,6 +43,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plain-http", action="store_true", help="talk HTTP (not HTTPS) to the registry")
     ap.add_argument("--timeout", type=float, default=60.0, help="seconds before the container is killed (default 60)")
     ap.add_argument("--work-dir", default="", help="keeps the trace and the OCI layout (default: a temp dir)")
+    ap.add_argument(
+        "--trace-dir",
+        default="",
+        help="the snapshotter's traceDir, where the image service writes the trace while recording "
+        "(default: from /etc/overlaybd-snapshotter/config.json)",
+    )
     ap.add_argument("-v", "--verbose", action="store_true")
     ap.add_argument("--version", action="version", version=f"overlaybd-record-trace {__version__}")
     args = ap.parse_args(argv)
@@ -43,6 +56,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.timeout <= 0:
         ap.error("--timeout must be positive")
     work_dir = args.work_dir or tempfile.mkdtemp(prefix="obd-record-trace-")
+    from overlaybd.config.schema import ConfigError
+
+    try:
+        trace_dir = args.trace_dir or _snapshotter_trace_dir()
+    except ConfigError as e:
+        print(f"overlaybd-record-trace: {e}", file=sys.stderr)
+        return 1
     try:
         result = record_trace(
             args.image,
@@ -50,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             args.command,
             address=args.address,
             work_dir=work_dir,
+            trace_dir=trace_dir,
             namespace=args.namespace,
             snapshotter=args.snapshotter,
             plain_http=args.plain_http,

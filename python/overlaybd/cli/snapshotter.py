@@ -23,6 +23,20 @@ LEVELS = {
 }
 
 
+class EscapeControl(logging.Filter):
+    """Every log line is one line: control characters in the formatted message (keys, labels and paths come
+    from clients) are escaped, so a key with a newline cannot forge a log entry."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from overlaybd.snapshotter.labels import esc
+
+        msg = record.getMessage()
+        safe = esc(msg, limit=max(len(msg), 1))
+        if safe != msg:
+            record.msg, record.args = safe, None
+        return True
+
+
 def main(argv: list[str] | None = None) -> int:
     from overlaybd.config.schema import ConfigError
     from overlaybd.config.snapshotter import DEFAULT_PATH, load_config
@@ -43,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     fmt = "%(asctime)s %(levelname)s %(name)s" + (" %(funcName)s" if cfg.log_report_caller else "") + ": %(message)s"
     logging.basicConfig(level=LEVELS.get(cfg.verbose, logging.INFO), format=fmt)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(EscapeControl())
 
     from overlaybd.snapshotter.device_backend import default_backend
     from overlaybd.snapshotter.server import serve
@@ -59,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    if fixed.get("devices_deferred"):  # overlaybd-tcmu not up yet: finish reconcile when it appears
+        threading.Thread(target=sn.watch_frontend, args=(stop.is_set,), name="frontend-watch", daemon=True).start()
     stop.wait()
     server.stop(grace=5).wait()
     sn.close()

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,6 +162,7 @@ def record_trace(
     *,
     address: str,
     work_dir: str,
+    trace_dir: str,
     namespace: str = "default",
     snapshotter: str = "overlaybd",
     plain_http: bool = False,
@@ -167,19 +170,33 @@ def record_trace(
     ctr: str = "ctr",
     skopeo: str = "skopeo",
 ) -> RecordResult:
-    """Record `command` running in `image` (already rpulled) and push `image` + acceleration layer as `new_ref`."""
+    """Record `command` running in `image` (already rpulled) and push `image` + acceleration layer as `new_ref`.
+
+    The image service writes the trace into `trace_dir` (the snapshotter's `traceDir`: the only place a
+    record-trace-path label may point), in a directory of its own; it ends up as `<work_dir>/trace`."""
     if not command:
         raise RecordTraceError("no command to run in the container")
     os.makedirs(work_dir, exist_ok=True)
+    try:
+        os.makedirs(trace_dir, mode=0o700, exist_ok=True)
+        rec_dir = tempfile.mkdtemp(prefix="record-", dir=trace_dir)
+    except OSError as e:
+        raise RecordTraceError(f"trace directory {trace_dir}: {e.strerror}") from e
+    try:
+        recorded = os.path.join(rec_dir, "trace")
+        ctr_cmd = [ctr, "--address", address, "--namespace", namespace]
+        collect_garbage(ctr_cmd)
+        output, timed_out = run_recording_container(
+            ctr_cmd, image, command, recorded, snapshotter=snapshotter, timeout=timeout
+        )
+        records = finish_recording(recorded)
+        with open(recorded, "rb") as f:
+            trace = f.read()
+    finally:
+        shutil.rmtree(rec_dir, ignore_errors=True)
     trace_path = os.path.abspath(os.path.join(work_dir, "trace"))
-    ctr_cmd = [ctr, "--address", address, "--namespace", namespace]
-    collect_garbage(ctr_cmd)
-    output, timed_out = run_recording_container(
-        ctr_cmd, image, command, trace_path, snapshotter=snapshotter, timeout=timeout
-    )
-    records = finish_recording(trace_path)
-    with open(trace_path, "rb") as f:
-        trace = f.read()
+    with open(trace_path, "wb") as f:
+        f.write(trace)
     result = RecordResult(trace_path, records, output, timed_out)
     result.manifest_digest = publish_with_acceleration_layer(
         image, new_ref, trace, work_dir, plain_http=plain_http, skopeo=skopeo

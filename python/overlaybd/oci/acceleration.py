@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+from typing import Any
 
 from ..format.errors import FormatError
 from . import annotations as A
@@ -54,14 +55,20 @@ def read_acceleration_trace(blob: bytes, name: str) -> bytes:
     raise FormatError(name, TRACE_MEMBER, "the acceleration layer has no `trace` member")
 
 
-def fetch_acceleration_trace(image_ref: str, digest: str, insecure_hosts: set[str]) -> bytes:
-    """Fetch an acceleration layer's blob from the image's registry and return its trace."""
+def fetch_acceleration_trace(
+    image_ref: str, digest: str, insecure_hosts: set[str], *, deadline: float | None = None, service: Any = None
+) -> bytes:
+    """Fetch an acceleration layer's blob from the image's registry and return its trace.
+
+    `deadline` bounds the whole fetch, retries included (the snapshotter passes overlaybd.json's
+    `readDeadlineSec`, so containerd hears of a registry outage within the same deadline as a device read);
+    `service`: the overlaybd.json whose credentials to use (None: defaults)."""
     from ..registry.client import RegistryClient
     from ..registry.image_ref import parse_reference
 
     ref = parse_reference(image_ref)
     scheme = "http" if ref.registry in insecure_hosts else "https"
-    client = RegistryClient(deadline=10.0)
+    client = RegistryClient(service, deadline=deadline)
     try:
         blob = client.get_blob(ref, digest, scheme=scheme, limit=MAX_ACCEL_BLOB)
     finally:

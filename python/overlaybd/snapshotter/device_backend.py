@@ -29,6 +29,9 @@ class DeviceBackend(Protocol):
     def device_of(self, sd: SnapshotDir) -> str | None:
         """The attached device of this snapshot, or None."""
 
+    def unavailable(self) -> str | None:
+        """Why no device frontend can serve right now (naming it), or None when one is up."""
+
 
 def _result_reason(sd: SnapshotDir) -> str:
     try:
@@ -55,7 +58,19 @@ class FuseControlBackend:
         try:
             return request(req, self.socket_path)
         except (OSError, ValueError) as e:
-            raise Unavailable(f"overlaybd FUSE frontend at {self.socket_path} not reachable: {e}") from e
+            raise Unavailable(
+                f"overlaybd-tcmu's FUSE frontend at {self.socket_path} is not reachable (is overlaybd-tcmu "
+                f"running?): {e}"
+            ) from e
+
+    def unavailable(self) -> str | None:
+        try:
+            self._request({"op": "list"})
+        except Unavailable as e:
+            return e.message
+        except RuntimeError:
+            pass  # it answered: it is up
+        return None
 
     def attach(self, sd: SnapshotDir, writable: bool) -> str:
         current = self.device_of(sd)
@@ -153,13 +168,41 @@ class TcmuBackend:
         name = os.path.basename(path)
         return path if path and os.path.exists(f"/sys/block/{name}") else None
 
+    def unavailable(self) -> str | None:
+        # overlaybd-tcmu's TCMU handler cannot be probed without creating a device; a missing daemon shows
+        # as a failed attach naming the config and the reason.
+        return None if tcmu_available() else f"TCMU frontend: {TCMU_CORE} does not exist (target_core_user not loaded)"
+
 
 def tcmu_available() -> bool:
     return os.path.isdir(TCMU_CORE)
 
 
+class AutoBackend:
+    """TCMU where configfs has the target core (overlaybd-tcmu serves it), else the daemon's FUSE frontend,
+    decided at each use rather than once at start: the snapshotter may start before overlaybd-tcmu (or
+    before the kernel modules are loaded) and must pick the frontend that is there when a device is needed."""
+
+    def __init__(self, tenant: int, fuse_socket: str) -> None:
+        self.tcmu = TcmuBackend(tenant=tenant)
+        self.fuse = FuseControlBackend(fuse_socket)
+
+    def current(self) -> DeviceBackend:
+        return self.tcmu if tcmu_available() else self.fuse
+
+    def attach(self, sd: SnapshotDir, writable: bool) -> str:
+        return self.current().attach(sd, writable)
+
+    def detach(self, sd: SnapshotDir) -> None:
+        self.current().detach(sd)
+
+    def device_of(self, sd: SnapshotDir) -> str | None:
+        return self.current().device_of(sd)
+
+    def unavailable(self) -> str | None:
+        return self.current().unavailable()
+
+
 def default_backend(cfg_tenant: int, fuse_socket: str) -> DeviceBackend:
-    """TCMU where configfs has the target core (overlaybd-tcmu serves it), else the daemon's FUSE frontend."""
-    if tcmu_available():
-        return TcmuBackend(tenant=cfg_tenant)
-    return FuseControlBackend(fuse_socket)
+    """The device frontend as found at each use (TCMU or the daemon's FUSE frontend): see `AutoBackend`."""
+    return AutoBackend(cfg_tenant, fuse_socket)

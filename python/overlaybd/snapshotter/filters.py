@@ -6,6 +6,10 @@ filter; answering with the filtered set keeps the stream small. Grammar (contain
 `,` are AND-ed; a selector is a field path (`name`, `parent`, `kind`, `labels.<key>`; parts
 may be double-quoted) optionally followed by `==`, `!=` or `~=` (regexp) and a value
 (double-quoted, `/regexp/`, or bare up to the next comma). A bare path tests presence.
+
+Regexps are RE2 (`google-re2`), as containerd's Go `regexp`: matching is linear in the input, so no
+pattern (e.g. `^(a+)+$`) can make a List request backtrack for seconds; constructs RE2 lacks
+(backreferences, lookaround) are refused with InvalidArgument, as containerd refuses them.
 """
 
 from __future__ import annotations
@@ -13,10 +17,26 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
+
+import re2
 
 from .errors import InvalidArgument
+from .labels import esc
 from .store import KIND_NAMES, Snapshot
+
+MAX_REGEXP_MEMORY = 8 << 20  # RE2's own default: a pattern whose program needs more is refused
+
+
+def _re2_options() -> Any:
+    opts = re2.Options()
+    opts.log_errors = False  # a client's bad pattern is its InvalidArgument, not a line on our stderr
+    opts.max_mem = MAX_REGEXP_MEMORY
+    return opts
+
+
+_RE2_OPTIONS = _re2_options()
 
 
 @dataclass(frozen=True)
@@ -24,6 +44,7 @@ class Selector:
     path: tuple[str, ...]
     op: str  # "", "==", "!=", "~="
     value: str
+    regexp: Any = field(default=None, compare=False)  # compiled RE2 pattern of a `~=` selector
 
 
 class _Lexer:
@@ -32,7 +53,7 @@ class _Lexer:
         self.pos = 0
 
     def error(self, msg: str) -> InvalidArgument:
-        return InvalidArgument(f"filter {self.text!r}: {msg} at offset {self.pos}: invalid argument")
+        return InvalidArgument(f"filter {esc(self.text, 200)!r}: {msg} at offset {self.pos}: invalid argument")
 
     def peek(self, s: str) -> bool:
         return self.text.startswith(s, self.pos)
@@ -105,12 +126,14 @@ def parse(text: str) -> list[Selector]:
                 lx.pos += 2
                 value = lx.value()
                 break
+        compiled = None
         if op == "~=":
             try:
-                re.compile(value)
-            except re.error as e:
-                raise lx.error(f"bad regexp {value!r}: {e}") from e
-        out.append(Selector(tuple(path), op, value))
+                compiled = re2.compile(value, _RE2_OPTIONS)
+            except re2.error as e:
+                detail = e.args[0].decode(errors="replace") if e.args and isinstance(e.args[0], bytes) else str(e)
+                raise lx.error(f"bad regexp {esc(value, 80)!r}: {esc(detail, 120)}") from e
+        out.append(Selector(tuple(path), op, value, compiled))
         if lx.at_end():
             return out
         if not lx.peek(","):
@@ -141,7 +164,7 @@ def _match(s: Snapshot, sel: Selector) -> bool:
         return value == sel.value
     if sel.op == "!=":
         return value != sel.value
-    return value is not None and re.search(sel.value, value) is not None
+    return value is not None and sel.regexp.search(value) is not None
 
 
 def compile_filters(texts: list[str]) -> Callable[[Snapshot], bool]:

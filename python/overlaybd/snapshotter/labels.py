@@ -43,11 +43,13 @@ __all__ = [
     "VSIZE",
     "WRITABLE",
     "WRITABLE_MODES",
+    "esc",
     "image_ref",
     "is_acceleration_layer",
     "is_remote_layer",
     "records_trace",
     "validate",
+    "validate_key",
 ]
 
 # labels only the snapshotter and containerd exchange (the image's keys are in oci/annotations.py)
@@ -59,37 +61,64 @@ WRITABLE = "containerd.io/snapshot/overlaybd.writable"
 LOCAL_COMMIT_PATH = "containerd.io/snapshot/overlaybd.localcommitpath"
 
 MAX_LABEL_BYTES = 4096  # containerd labels.Validate: len(key)+len(value)
+MAX_KEY_BYTES = 4096  # snapshot keys/names: containerd's are "<ns>/<seq>/<key>", far below; bounds every echo
+MAX_INT64 = (1 << 63) - 1  # what the metadata store (SQLite INTEGER) and UsageResponse (int64) hold
 DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+DECIMAL_RE = re.compile(r"^[0-9]{1,19}$")  # ASCII digits only (str.isdigit() accepts e.g. "²")
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F)} | {0x85: "\\x85", 0x2028: "\\u2028", 0x2029: "\\u2029"}
 WRITABLE_MODES = ("dir", "dev")
 
 
+def esc(text: str, limit: int = 256) -> str:
+    """Client data made safe for one log line or error message: control characters escaped (a key with a
+    newline cannot forge a log line), and cut to `limit` characters with a note of the full length."""
+    out = text[:limit].translate(_CONTROL)
+    return out if len(text) <= limit else f"{out}...({len(text)} chars)"
+
+
+def validate_key(key: str, what: str = "snapshot key") -> None:
+    """Keys are bounded: a huge key would be stored and then echoed into every error message about it
+    (the client then sees RESOURCE_EXHAUSTED for an oversized status instead of the real error)."""
+    if not key:
+        raise InvalidArgument(f"{what} must not be empty: invalid argument")
+    n = len(key.encode("utf-8", "surrogatepass"))
+    if n > MAX_KEY_BYTES:
+        raise InvalidArgument(
+            f"{what} is {n} bytes, greater than maximum size ({MAX_KEY_BYTES} bytes), key: {esc(key, 64)}: "
+            "invalid argument"
+        )
+
+
+def _int_label(labels: dict[str, str], key: str, lo: int, hi: int, meaning: str) -> None:
+    """A decimal label within lo..hi, else InvalidArgument naming the label (never an int SQLite cannot hold)."""
+    v = labels.get(key)
+    if v is not None and not (DECIMAL_RE.match(v) and lo <= int(v) <= hi):
+        raise InvalidArgument(f"label {key}={esc(v, 64)!r} is not {meaning} ({lo}..{hi}): invalid argument")
+
+
 def validate(labels: dict[str, str]) -> None:
-    """containerd's generic rule plus the overlaybd-specific labels' syntax."""
+    """containerd's generic rule (labels.Validate, same message) plus the overlaybd-specific labels' syntax."""
     for k, v in labels.items():
         if not k:
             raise InvalidArgument("label key must not be empty: invalid argument")
-        if len(k.encode()) + len(v.encode()) > MAX_LABEL_BYTES:
+        if len(k.encode("utf-8", "surrogatepass")) + len(v.encode("utf-8", "surrogatepass")) > MAX_LABEL_BYTES:
             raise InvalidArgument(
                 f"label key and value greater than maximum size ({MAX_LABEL_BYTES} bytes), "
-                f"key: {k[:64]}: invalid argument"
+                f"key: {esc(k[:10])}: invalid argument"
             )
     digest = labels.get(BLOB_DIGEST)
     if digest is not None and not DIGEST_RE.match(digest):
-        raise InvalidArgument(f"label {BLOB_DIGEST}={digest!r} is not a sha256 digest: invalid argument")
-    size = labels.get(BLOB_SIZE)
-    if size is not None and not (size.isdigit() and int(size) > 0):
-        raise InvalidArgument(f"label {BLOB_SIZE}={size!r} is not a positive byte count: invalid argument")
-    vsize = labels.get(VSIZE)
-    if vsize is not None and not (vsize.isdigit() and 0 < int(vsize) <= 1 << 20):
-        raise InvalidArgument(f"label {VSIZE}={vsize!r} is not a size in GB (1..1048576): invalid argument")
+        raise InvalidArgument(f"label {BLOB_DIGEST}={esc(digest, 80)!r} is not a sha256 digest: invalid argument")
+    _int_label(labels, BLOB_SIZE, 1, MAX_INT64, "a positive byte count")
+    _int_label(labels, VSIZE, 1, 1 << 20, "a size in GB")
     writable = labels.get(WRITABLE)
     if writable is not None and writable not in (*WRITABLE_MODES, "overlayfs", "false"):
-        raise InvalidArgument(f"label {WRITABLE}={writable!r} must be dir or dev: invalid argument")
+        raise InvalidArgument(f"label {WRITABLE}={esc(writable, 64)!r} must be dir or dev: invalid argument")
     if records_trace(labels):
         trace = labels.get(RECORD_TRACE_PATH, "")
         if not trace.startswith("/"):
             raise InvalidArgument(
-                f"label {RECORD_TRACE_PATH}={trace!r} must be an absolute path when "
+                f"label {RECORD_TRACE_PATH}={esc(trace)!r} must be an absolute path when "
                 f"{RECORD_TRACE}=yes: invalid argument"
             )
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+from collections.abc import Callable
 
 from ..config.snapshotter import SnapshotterConfig
 from ..host.mkfs import MkfsError, mkfs
@@ -31,14 +33,54 @@ class DeviceLifecycle:
     def __init__(self, cfg: SnapshotterConfig, devices: DeviceBackend | None) -> None:
         self.cfg = cfg
         self.devices = devices
+        self._deferred: Callable[[], None] | None = None  # device reconcile waiting for the frontend
+        self._deferred_lock = threading.Lock()
 
     def dir(self, s: Snapshot) -> SnapshotDir:
         return SnapshotDir(self.cfg.root, s.id)
 
+    def frontend_down(self) -> str | None:
+        """Why the device frontend cannot serve now (the message names it), or None when it is up."""
+        if self.devices is None:
+            return "no overlaybd device frontend available (neither TCMU nor the FUSE frontend)"
+        probe = getattr(self.devices, "unavailable", None)
+        return probe() if probe is not None else None
+
+    def defer_until_frontend(self, fn: Callable[[], None]) -> None:
+        """Run `fn` (the device part of reconcile) once the frontend is up: at the first device request that
+        finds it up, or from `run_deferred` polled by the daemon's watcher thread."""
+        with self._deferred_lock:
+            self._deferred = fn
+
+    @property
+    def deferred(self) -> bool:
+        return self._deferred is not None
+
+    def run_deferred(self) -> bool:
+        """If work waits for the frontend and it is up now, run it; True when nothing waits any more.
+        The work runs under the lock, so a device request arriving meanwhile waits for it to finish."""
+        if self._deferred is None:
+            return True
+        with self._deferred_lock:
+            if self._deferred is None:
+                return True
+            if self.frontend_down() is not None:
+                return False
+            log.info("device frontend is up: running the deferred device reconcile")
+            try:
+                self._deferred()
+            except Exception:  # logged; the devices are then checked again on demand
+                log.exception("deferred device reconcile failed")
+            self._deferred = None
+        return True
+
     def backend(self) -> DeviceBackend:
-        """The device backend, or Unavailable: a host without TCMU or the daemon's FUSE frontend has none."""
+        """The device backend, or Unavailable naming the frontend that is not up (a host without TCMU or the
+        daemon's FUSE frontend has none; overlaybd-tcmu may also simply not be started yet)."""
         if self.devices is None:
             raise Unavailable("no overlaybd device frontend available (neither TCMU nor the FUSE frontend)")
+        if self._deferred is not None and not self.run_deferred():
+            raise Unavailable(self.frontend_down() or "overlaybd device frontend not up")
         return self.devices
 
     def fs_type(self, s: Snapshot) -> str:
@@ -117,7 +159,7 @@ class DeviceLifecycle:
             try:
                 self.devices.detach(sd)
             except Exception as e:  # best effort: a detach failure must not fail Remove, it is logged
-                log.warning("detach %s: %s", sd.path, e)
+                log.warning("detach %s: %s", sd.path, L.esc(str(e)))
 
     def drop_stale(self, sd: SnapshotDir) -> bool:
         """After a restart: unmount a mount whose device is gone and forget a device the backend lost.

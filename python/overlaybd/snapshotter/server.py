@@ -16,6 +16,7 @@ import grpc
 
 from ..containerd_api import mount_pb2, snapshots_pb2, snapshots_pb2_grpc, wkt_pb2
 from .errors import SnapshotError
+from .labels import esc
 from .mounts import Mount
 from .service import Snapshotter
 from .store import Snapshot
@@ -23,6 +24,9 @@ from .store import Snapshot
 log = logging.getLogger(__name__)
 
 LIST_BATCH = 100
+#: longest status message sent: gRPC clients refuse trailers over 8 KiB (RESOURCE_EXHAUSTED instead of the
+#: real code), and a message may echo several client keys
+MAX_MESSAGE = 4096
 
 
 def _mounts(ms: list[Mount]) -> list[mount_pb2.Mount]:
@@ -54,8 +58,11 @@ class SnapshotsServicer(snapshots_pb2_grpc.SnapshotsServicer):
         try:
             return fn(*args)
         except SnapshotError as e:
-            log.debug("%s%r -> %s: %s", name, args[:2], e.code.name, e.message)
-            context.abort(e.code, e.message)
+            log.debug(
+                "%s(%s) -> %s: %s", name, ", ".join(esc(repr(a), 200) for a in args[:2]), e.code.name, esc(e.message)
+            )
+            msg = e.message if len(e.message) <= MAX_MESSAGE else e.message[: MAX_MESSAGE - 3] + "..."
+            context.abort(e.code, msg)
 
     def Prepare(self, request, context):
         ms = self._call(context, "Prepare", self.sn.prepare, request.key, request.parent, dict(request.labels))

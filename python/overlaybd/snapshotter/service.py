@@ -14,10 +14,13 @@ import builtins
 import errno
 import logging
 import os
+import secrets
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
+from ..config.schema import ConfigError
+from ..config.service import ServiceConfig, default_service_config, load_service_config
 from ..config.snapshotter import SnapshotterConfig
 from ..format.atomic import atomic_write_bytes
 from ..oci.acceleration import TRACE_MEMBER, fetch_acceleration_trace
@@ -44,13 +47,35 @@ from .errors import (
 )
 from .faults import crashpoint
 from .filters import compile_filters
-from .fsutil import disk_usage, is_mounted, remove_tree
+from .fsutil import confine_path, disk_usage, is_mounted, remove_tree
 from .layout import SnapshotDir, snapshots_dir
 from .lifecycle import DeviceLifecycle
 from .mounts import Mount, bind, overlay_mounts
 from .store import ACTIVE, COMMITTED, VIEW, Snapshot, Store, Transaction, now_ns
 
 log = logging.getLogger(__name__)
+
+TRACE_SIDE_FILES = ("", ".ok", ".lock")  # the trace and the image service's markers beside it
+
+
+def load_shared_service_config(path: str) -> ServiceConfig:
+    """overlaybd.json, for the settings the snapshotter shares with overlaybd-tcmu (`readDeadlineSec`, registry
+    credentials). A missing file means the defaults (as overlaybd-tcmu does); a broken one is logged and the
+    defaults used, so it never keeps the snapshotter from starting."""
+    if not os.path.exists(path):
+        return default_service_config()
+    try:
+        return load_service_config(path)
+    except ConfigError as e:
+        log.error("%s; using the defaults of overlaybd.json", e)
+        return default_service_config()
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def _space_error(e: BaseException, root: str) -> SnapshotError | None:
@@ -72,6 +97,10 @@ class Snapshotter:
         self.store = Store(os.path.join(self.root, "metadata.db"))
         self.lifecycle = DeviceLifecycle(cfg, devices)
         self.insecure = cfg.insecure_hosts()
+        os.makedirs(cfg.trace_dir, mode=0o700, exist_ok=True)
+        self.service_config = load_shared_service_config(cfg.overlaybd_config_path)
+        #: one deadline for registry work, shared with the registry client of overlaybd-tcmu
+        self.registry_deadline = float(self.service_config.read_deadline_sec)
 
     @property
     def devices(self) -> DeviceBackend | None:
@@ -141,8 +170,7 @@ class Snapshotter:
         return self._guard(self._create, VIEW, key, parent, dict(labels))
 
     def _create(self, kind: int, key: str, parent: str, labels: dict[str, str]) -> list[Mount]:
-        if not key:
-            raise InvalidArgument("snapshot key must not be empty: invalid argument")
+        L.validate_key(key)
         L.validate(labels)
         if kind == ACTIVE and L.is_remote_layer(labels):
             self._prepare_remote(key, parent, labels)  # raises AlreadyExists when the lazy layer is ready
@@ -153,60 +181,99 @@ class Snapshotter:
             raise InvalidArgument(
                 f"{L.RECORD_TRACE}=yes needs an overlayfs rootfs, not rwMode {writable!r}: invalid argument"
             )
-        with self.store.transaction() as tx:
-            if tx.find(key) is not None:
-                raise AlreadyExists(f"snapshot {key} already exists")
-            p = self._parent(tx, parent)
-            if record:
-                self._attach_recording(tx, p, labels[L.RECORD_TRACE_PATH])
-            s = tx.insert(key, parent, kind, labels)
-            sd = self.dir(s)
-            if os.path.lexists(sd.path):  # leftover of a crash before COMMIT: ids are never reused
-                remove_tree(sd.path)
-            os.makedirs(sd.fs, mode=0o755)
-            os.makedirs(sd.work, mode=0o711)
-            if kind == ACTIVE and writable in L.WRITABLE_MODES and (p is None or self.dir(p).is_block()):
-                self.lifecycle.create_writable(s, p)
-                s.labels.setdefault(L.WRITABLE, writable)
-                tx.save(s)
-            mounts = self._mounts(tx, s)
-            crashpoint("create.before-commit")
+        finish: Callable[[bool], None] | None = None
+        try:
+            with self.store.transaction() as tx:
+                if tx.find(key) is not None:
+                    raise AlreadyExists(f"snapshot {key} already exists")
+                p = self._parent(tx, parent)
+                if record:
+                    finish = self._attach_recording(tx, p, labels[L.RECORD_TRACE_PATH])
+                s = tx.insert(key, parent, kind, labels)
+                sd = self.dir(s)
+                if os.path.lexists(sd.path):  # leftover of a crash before COMMIT: ids are never reused
+                    remove_tree(sd.path)
+                os.makedirs(sd.fs, mode=0o755)
+                os.makedirs(sd.work, mode=0o711)
+                if kind == ACTIVE and writable in L.WRITABLE_MODES and (p is None or self.dir(p).is_block()):
+                    self.lifecycle.create_writable(s, p)
+                    s.labels.setdefault(L.WRITABLE, writable)
+                    tx.save(s)
+                mounts = self._mounts(tx, s)
+                crashpoint("create.before-commit")
+        except BaseException:
+            if finish is not None:
+                finish(False)
+            raise
+        if finish is not None:
+            finish(True)
         crashpoint("create.after-commit")
         return mounts
 
-    def _attach_recording(self, tx: Transaction, p: Snapshot | None, trace_path: str) -> None:
+    def _attach_recording(self, tx: Transaction, p: Snapshot | None, trace_label: str) -> Callable[[bool], None]:
         """`ctr record-trace`: (re)attach the image's top layer device with `recordTracePath` (an emptied file),
         so the image service records every layer read until `<trace>.lock` is removed or the device closes.
-        The config is restored right after the attach: only this attach records."""
+        The config is restored right after the attach: only this attach records.
+
+        The trace may only live in the configured trace directory or the recorded layer's own snapshot
+        directory (checked on real paths before anything is touched: a label must not aim root's writes at
+        any file). Files already there are set aside, not truncated: the returned `finish(ok)` drops them
+        once the Prepare succeeded, or puts them back when it failed."""
         if p is None or not self.dir(p).is_block():
             raise InvalidArgument(f"{L.RECORD_TRACE}=yes: the parent is not an overlaybd layer: invalid argument")
         psd = self.dir(p)
+        trace_path = confine_path(trace_label, (self.cfg.trace_dir, psd.path), L.RECORD_TRACE_PATH)
         cfg = read_config(psd.config)
         if cfg.get("accelerationLayer"):
             raise FailedPrecondition(
                 f"{L.RECORD_TRACE}=yes: layer {p.key} is an acceleration layer; record on the "
                 "image without it: failed precondition"
             )
-        if is_mounted(psd.mountpoint) or os.path.exists(psd.backstore_mark):
-            if tx.has_children(p.key):
-                raise FailedPrecondition(
-                    f"{L.RECORD_TRACE}=yes: the device of layer {p.key} is in use by other "
-                    "snapshots; stop their containers first: failed precondition"
-                )
-            self.lifecycle.release(psd)
+        in_use = is_mounted(psd.mountpoint) or os.path.exists(psd.backstore_mark)
+        if in_use and tx.has_children(p.key):
+            raise FailedPrecondition(
+                f"{L.RECORD_TRACE}=yes: the device of layer {p.key} is in use by other "
+                "snapshots; stop their containers first: failed precondition"
+            )
+        aside: list[tuple[str, str]] = []
+        suffix = ".prev-" + secrets.token_hex(4)
+
+        def finish(ok: bool) -> None:
+            for old, cur in aside:
+                if ok:
+                    _unlink(old)
+                else:
+                    os.replace(old, cur)
+            if not ok:
+                for ext in TRACE_SIDE_FILES:
+                    if not any(cur == trace_path + ext for _, cur in aside):
+                        _unlink(trace_path + ext)
+
         try:
-            with open(trace_path, "wb"):
-                pass  # an empty file means record mode
-            for stale in (trace_path + ".ok", trace_path + ".lock"):
-                if os.path.exists(stale):
-                    os.unlink(stale)
+            for ext in TRACE_SIDE_FILES:
+                cur = trace_path + ext
+                if os.path.lexists(cur):
+                    os.replace(cur, cur + suffix)
+                    aside.append((cur + suffix, cur))
+            fd = os.open(trace_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            os.close(fd)  # an empty file means record mode
         except OSError as e:
-            raise InvalidArgument(f"{L.RECORD_TRACE_PATH}={trace_path!r}: {e.strerror}: invalid argument") from e
-        write_config(psd.config, {**cfg, "recordTracePath": trace_path})
+            finish(False)
+            raise InvalidArgument(
+                f"label {L.RECORD_TRACE_PATH}={L.esc(trace_label)!r}: {e.strerror}: invalid argument"
+            ) from e
         try:
-            self.lifecycle.ensure_ro_mounted(p)
-        finally:
-            write_config(psd.config, cfg)
+            if in_use:
+                self.lifecycle.release(psd)
+            write_config(psd.config, {**cfg, "recordTracePath": trace_path})
+            try:
+                self.lifecycle.ensure_ro_mounted(p)
+            finally:
+                write_config(psd.config, cfg)
+        except BaseException:
+            finish(False)
+            raise
+        return finish
 
     def _acceleration_trace(self, labels: dict[str, str]) -> bytes:
         """The `trace` inside an acceleration layer's (small, tar) blob, fetched now: it must be local."""
@@ -214,7 +281,9 @@ class Snapshotter:
 
         digest = labels[L.BLOB_DIGEST]
         try:
-            return fetch_acceleration_trace(L.image_ref(labels), digest, self.insecure)
+            return fetch_acceleration_trace(
+                L.image_ref(labels), digest, self.insecure, deadline=self.registry_deadline, service=self.service_config
+            )
         except FormatError as e:
             raise InvalidArgument(f"acceleration layer {digest}: {e}: invalid argument") from e
         except OSError as e:
@@ -236,7 +305,9 @@ class Snapshotter:
                 raise AlreadyExists(f"target snapshot {target} already exists")
             p = self._parent(tx, parent)
             if p is not None and not self.dir(p).is_block():
-                log.info("remote layer %s on ordinary parent %s: falling back to download", target, parent)
+                log.info(
+                    "remote layer %s on ordinary parent %s: falling back to download", L.esc(target), L.esc(parent)
+                )
                 return
             url = repo_blob_url(L.image_ref(labels), self.insecure)
             committed = dict(labels)
@@ -258,18 +329,27 @@ class Snapshotter:
             tx.save(s)
             crashpoint("remote.before-commit")
         crashpoint("remote.after-commit")
-        log.info("remote snapshot %s prepared lazily (key %s)", target, key)
+        log.info("remote snapshot %s prepared lazily (key %s)", L.esc(target), L.esc(key))
         raise AlreadyExists(f"target snapshot {target} already exists")
 
     def mounts(self, key: str) -> list[Mount]:
         def op() -> list[Mount]:
             with self.store.transaction() as tx:
-                return self._mounts(tx, tx.get(key))
+                s = tx.find(key)
+                # containerd's storage.GetSnapshot, wrapped as its overlay snapshotter does
+                if s is None:
+                    raise NotFound("failed to get active mount: snapshot does not exist: not found")
+                if s.kind not in (ACTIVE, VIEW):
+                    raise FailedPrecondition(
+                        f"failed to get active mount: requested snapshot {key} not active or view: failed precondition"
+                    )
+                return self._mounts(tx, s)
 
         return self._guard(op)
 
     def commit(self, name: str, key: str, labels: dict[str, str], parent: str = "") -> None:
         def op() -> None:
+            L.validate_key(name, "snapshot name")
             L.validate(labels)
             with self.store.transaction() as tx:
                 s = tx.get(key)
@@ -297,7 +377,9 @@ class Snapshotter:
                     new_labels = dict(labels)
                     s.size, s.inodes = disk_usage(sd.fs)
                     self._adopt_local_layer(tx, s)
-                s.key, s.kind, s.labels, s.updated_ns = name, COMMITTED, new_labels, now_ns()
+                # containerd's CommitActive: Created and Updated are both the commit time
+                s.key, s.kind, s.labels = name, COMMITTED, new_labels
+                s.created_ns = s.updated_ns = now_ns()
                 tx.save(s)
                 crashpoint("commit.before-commit")
             crashpoint("commit.after-commit")
@@ -379,7 +461,8 @@ class Snapshotter:
 
         def op() -> list[Snapshot]:
             with self.store.transaction() as tx:
-                return [s for s in tx.all() if match(s)]
+                rows = tx.all()
+            return [s for s in rows if match(s)]  # matched after the store lock is released
 
         return self._guard(op)
 
@@ -419,10 +502,11 @@ class Snapshotter:
             log.info("removed %d orphaned snapshot dirs: %s", len(removed), ", ".join(removed))
         return removed
 
-    def reconcile(self) -> dict[str, list[str]]:
+    def reconcile(self) -> dict[str, Any]:
         """Make the store and the directories agree after a crash; report what was fixed."""
         dropped: list[str] = []
         stale: list[str] = []
+        live: list[tuple[str, SnapshotDir]] = []
         with self.store.transaction() as tx:
             rows = tx.all()
             for s in sorted(rows, key=lambda r: -r.id):  # children have larger ids: leaf first
@@ -431,16 +515,36 @@ class Snapshotter:
                     if tx.has_children(s.key):
                         os.makedirs(sd.fs, exist_ok=True)
                         os.makedirs(sd.work, exist_ok=True)
-                        log.error("snapshot %s (id %d) lost its directory; recreated empty", s.key, s.id)
+                        log.error("snapshot %s (id %d) lost its directory; recreated empty", L.esc(s.key), s.id)
                     else:
                         tx.delete(s.id)
                         dropped.append(s.key)
-                        log.error("snapshot %s (id %d) has no directory; dropped", s.key, s.id)
+                        log.error("snapshot %s (id %d) has no directory; dropped", L.esc(s.key), s.id)
                     continue
-                if self.lifecycle.drop_stale(sd):
-                    stale.append(s.key)
+                live.append((s.key, sd))
         orphans = self._remove_orphans()
-        return {"dropped": dropped, "orphans": orphans, "stale_mounts": stale}
+
+        def devices() -> None:
+            for key, sd in live:
+                if self.lifecycle.drop_stale(sd):
+                    stale.append(key)
+                    log.info("snapshot %s: stale device mount dropped; attached again on demand", L.esc(key))
+
+        why = self.lifecycle.frontend_down() if self.devices is not None else None
+        if why is None:
+            devices()
+        else:  # overlaybd-tcmu not up yet: serve anyway; devices are checked once the frontend appears
+            log.warning("device reconcile deferred until the frontend is up: %s", why)
+            self.lifecycle.defer_until_frontend(devices)
+        return {"dropped": dropped, "orphans": orphans, "stale_mounts": stale, "devices_deferred": why is not None}
+
+    def watch_frontend(self, stop: Callable[[], bool], interval: float = 1.0) -> None:
+        """Until `stop()`: run the deferred device reconcile as soon as the frontend appears (a thread of the
+        daemon; device requests arriving first run it themselves)."""
+        import time
+
+        while not stop() and not self.lifecycle.run_deferred():
+            time.sleep(interval)
 
     def walk(self) -> Iterator[Snapshot]:
         yield from self.list([])

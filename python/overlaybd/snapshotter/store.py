@@ -130,8 +130,19 @@ class Transaction:
     def save(self, s: Snapshot) -> None:
         """Write back every mutable column of `s` (matched by id)."""
         self.db.execute(
-            "UPDATE snapshots SET key=?, parent=?, kind=?, updated_ns=?, labels=?, size=?, inodes=? WHERE id=?",
-            (s.key, s.parent, s.kind, s.updated_ns, json.dumps(s.labels, sort_keys=True), s.size, s.inodes, s.id),
+            "UPDATE snapshots SET key=?, parent=?, kind=?, created_ns=?, updated_ns=?, labels=?, size=?, inodes=? "
+            "WHERE id=?",
+            (
+                s.key,
+                s.parent,
+                s.kind,
+                s.created_ns,
+                s.updated_ns,
+                json.dumps(s.labels, sort_keys=True),
+                s.size,
+                s.inodes,
+                s.id,
+            ),
         )
 
     def delete(self, sid: int) -> None:
