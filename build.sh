@@ -157,6 +157,12 @@ build_bundle() {
     if [ -e "$BUNDLE.new/bin/overlaybd-snapshotter" ]; then
         ln -s ../overlaybd "$BUNDLE.new/snapshotter/overlaybd-snapshotter"
     fi
+    # Upstream's snapshotter/ tools (ctr with rpull, convertor, overlaybd-attacher) at upstream's paths.
+    for t in $(tool snapshotter-tools); do ln -s ../overlaybd "$BUNDLE.new/snapshotter/$t"; done
+    # The empty ext4 base layer upstream ships (convertor --mkfs=false); needs /dev/fuse and loop devices.
+    mkdir "$BUNDLE.new/baselayers"
+    tool baselayer "$BUNDLE.new/baselayers/ext4_64" "$SOURCE_DATE_EPOCH" || die "building baselayers/ext4_64 failed"
+    chmod 0644 "$BUNDLE.new/baselayers/ext4_64"
     rm -rf "$BUNDLE"
     mv "$BUNDLE.new" "$BUNDLE"
 }

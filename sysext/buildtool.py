@@ -2,6 +2,8 @@
 
 Subcommands (all print to stdout, exit non-zero with a message naming the file/field on error):
   tools                      names of the console tools (the TOOLS table) -> bin/ symlinks
+  snapshotter-tools          names of the snapshotter/ tools (SNAPSHOTTER_TOOLS: ctr, convertor, ...)
+  baselayer OUT EPOCH        the empty ext4 base layer (baselayers/ext4_64), reproducible from EPOCH
   extension-release ...      write usr/lib/extension-release.d/extension-release.<SYSEXT_ID>
   normalize ROOT EPOCH       fixed modes and mtimes so the image depends only on the inputs
   glibc-required DIR         highest GLIBC_x.y version needed by any ELF file under DIR
@@ -52,6 +54,23 @@ def cmd_tools(_args: argparse.Namespace) -> None:
 
     for name in sorted(TOOLS):
         print(name)
+
+
+def cmd_snapshotter_tools(_args: argparse.Namespace) -> None:
+    from overlaybd.cli import SNAPSHOTTER_TOOLS
+
+    for name in sorted(SNAPSHOTTER_TOOLS):
+        print(name)
+
+
+def cmd_baselayer(args: argparse.Namespace) -> None:
+    """Upstream's baselayers/ext4_64: mkfs timestamps from EPOCH (E2FSPROGS_FAKE_TIME) so the build reproduces."""
+    import os
+
+    from overlaybd.convert.baselayer import build_base_layer
+
+    os.environ["E2FSPROGS_FAKE_TIME"] = str(int(args.epoch))
+    build_base_layer(args.out)
 
 
 def sysext_id(portable: bool) -> str:
@@ -282,6 +301,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="buildtool.py", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("tools").set_defaults(fn=cmd_tools)
+    sub.add_parser("snapshotter-tools").set_defaults(fn=cmd_snapshotter_tools)
+    p = sub.add_parser("baselayer")
+    p.add_argument("out")
+    p.add_argument("epoch")
+    p.set_defaults(fn=cmd_baselayer)
     p = sub.add_parser("extension-release")
     p.add_argument("--root", required=True)
     p.add_argument("--flatcar-version")

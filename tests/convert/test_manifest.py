@@ -10,11 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers.oci_images import busybox_layer, files_layer, write_layout
 from overlaybd.cli.convert import main as convert_main
 from overlaybd.host.progress import CountingReader, Progress, human_bytes
 from overlaybd.oci.identity import chain_id_uuid, chain_ids
 from overlaybd.oci.layout import Layout
-from helpers.oci_images import busybox_layer, files_layer, write_layout
 
 HISTORY = [
     {"created": "2024-01-01T00:00:00Z", "created_by": "ADD rootfs.tar /"},
@@ -130,3 +130,32 @@ def test_progress_draws_on_a_terminal_only(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setenv("TERM", "dumb")
     assert not Progress("x", stream=_Tty()).enabled
     assert human_bytes(1536) == "1.5 KiB" and human_bytes(10) == "10 B"
+
+
+def test_base_layer_instead_of_mkfs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """convertor --mkfs=false: layers stacked on the prebuilt empty ext4 (reproducible), shipped as layer 0."""
+    from overlaybd.convert.baselayer import build_base_layer
+    from overlaybd.convert.convertor import BASE_LAYER_HISTORY, Options, convert_layout
+
+    monkeypatch.setenv("E2FSPROGS_FAKE_TIME", "1700000000")
+    base, again = tmp_path / "ext4_64", tmp_path / "again"
+    build_base_layer(str(base))
+    build_base_layer(str(again))
+    assert base.read_bytes() == again.read_bytes() and base.stat().st_size < 4 << 20
+    src, diff_ids = _source(tmp_path)
+    out = Layout(tmp_path / "dst")
+    opts = Options(vsize_gb=64, base_layer=str(base))
+    convert_layout(Layout(src), out, "obd", opts=opts, work_dir=str(tmp_path / "work"))
+    img = out.source("obd")
+    assert len(img.manifest["layers"]) == 3 and img.config["history"] == [BASE_LAYER_HISTORY, *HISTORY]
+    assert img.config["rootfs"]["diff_ids"] == [ly["digest"] for ly in img.manifest["layers"]]
+    uuids = [chain_id_uuid(c) for c in chain_ids(diff_ids)]
+    assert [_header(out, ly["digest"])[0] for ly in img.manifest["layers"][1:]] == uuids
+    cfg = tmp_path / "ro.json"
+    cfg.write_text(
+        json.dumps({"lowers": [{"file": str(out.blob_path(ly["digest"]))} for ly in img.manifest["layers"]]})
+    )
+    dump = Path(sys.executable).parent / "overlaybd-dump"
+    subprocess.run([dump, cfg, tmp_path / "disk.img"], check=True, capture_output=True)
+    r = subprocess.run(["debugfs", "-R", "cat /etc/added", tmp_path / "disk.img"], capture_output=True, check=True)
+    assert r.stdout == b"added\n"

@@ -27,6 +27,7 @@ EXPECTED_FILES = {
     "usr/local/overlaybd/etc/overlaybd.json": 0o644,
     "usr/local/overlaybd/etc/cred.json": 0o600,
     "usr/local/overlaybd/snapshotter/etc/config.json": 0o644,
+    "usr/local/overlaybd/baselayers/ext4_64": 0o644,
 }
 DAEMONS = ("overlaybd-tcmu", "overlaybd-snapshotter")
 
@@ -176,6 +177,7 @@ def test_tmpfiles_populate_etc_and_keep_edits(mounted: Path, tmp_path: Path) -> 
         assert (root / d).is_dir() and stat.S_IMODE((root / d).stat().st_mode) == mode, d
     for link, target in [
         ("opt/overlaybd/bin", "/usr/local/overlaybd/bin"),
+        ("opt/overlaybd/baselayers", "/usr/local/overlaybd/baselayers"),
         ("opt/overlaybd/etc", "/usr/local/overlaybd/etc"),
         ("opt/overlaybd/snapshotter", "/usr/local/overlaybd/snapshotter"),
         ("opt/overlaybd/cred.json", "/etc/overlaybd/cred.json"),
@@ -292,3 +294,51 @@ def test_runs_with_nothing_but_glibc(mounted: Path, tools: list[str], tmp_path: 
         assert "error while loading shared libraries" not in out, (name, out)
         assert "ModuleNotFoundError" not in out and "Traceback" not in out, (name, out)
     assert blocks["overlaybd"].startswith("overlaybd ") and "rc=0" in blocks["overlaybd"]
+
+
+#: the tools of Flatcar's official overlaybd sysext that its documentation runs, at the same paths (issue 11)
+OFFICIAL_TOOLS = (
+    "bin/overlaybd-apply",
+    "bin/turboOCI-apply",
+    "snapshotter/ctr",
+    "snapshotter/convertor",
+    "snapshotter/overlaybd-attacher",
+)
+
+
+@pytest.mark.parametrize("rel", OFFICIAL_TOOLS)
+def test_official_tool_paths_run_with_empty_environment(mounted: Path, rel: str) -> None:
+    """Each path exists as a relative symlink to the multi-call executable and starts with `env -i`."""
+    p = mounted / BUNDLE / rel
+    assert os.readlink(p) == "../overlaybd", rel
+    res = run(["env", "-i", str(p), "--version"], cwd="/")
+    assert res.returncode == 0, (rel, res.stderr)
+    assert res.stdout.startswith(p.name), (rel, res.stdout)
+    assert "Traceback" not in res.stderr
+
+
+def test_official_tools_parse_upstream_flags(mounted: Path, tmp_path: Path) -> None:
+    """The documented command lines reach the tools' own logic (errors, not usage failures) under `env -i`."""
+    snap = mounted / BUNDLE / "snapshotter"
+    res = run(["env", "-i", str(snap / "ctr"), "rpull", "-u", "u:p", "--plain-http", "127.0.0.1:1/app:1"], cwd="/")
+    assert res.returncode == 1 and "ctr rpull: 127.0.0.1:1/app:1: cannot fetch manifest" in res.stderr, res.stderr
+    res = run(["env", "-i", str(snap / "convertor"), "-r", "r/app", "-i", "1", "-o", "2", "--fastoci", "x"], cwd="/")
+    assert res.returncode == 1 and "not supported" in res.stderr, res.stderr
+    res = run(["env", "-i", str(snap / "overlaybd-attacher"), "attach", "--id", "1", "--config", "/nonexistent"])
+    assert res.returncode == 1 and "config file does not exist" in res.stderr, res.stderr
+    layer = tmp_path / "l.tar"
+    layer.write_bytes(b"\0" * 1024)
+    res = run(
+        ["env", "-i", str(mounted / BUNDLE / "bin/overlaybd-apply"), "--gz_index_path", "x", str(layer), str(layer)]
+    )
+    assert res.returncode == 1 and "not supported" in res.stderr, res.stderr
+
+
+def test_base_layer_is_an_empty_64g_ext4(mounted: Path) -> None:
+    """baselayers/ext4_64 is a committed overlaybd layer of a 64 GiB disk (upstream's convertor base layer)."""
+    info = run(
+        ["env", "-i", str(mounted / BUNDLE / "bin/overlaybd-info"), str(mounted / BUNDLE / "baselayers/ext4_64")]
+    )
+    assert info.returncode == 0, info.stderr
+    doc = json.loads(info.stdout)
+    assert doc["lsmt"]["kind"] == "committed" and doc["lsmt"]["header"]["virtual_size"] == 64 << 30

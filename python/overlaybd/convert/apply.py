@@ -16,7 +16,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from typing import IO, Any
+from typing import IO, Any, cast
 
 from ..host.command import HostError
 from ..host.mkfs import mkfs
@@ -57,11 +57,11 @@ def tar_stream(path: str, progress: Progress) -> Iterator[IO[bytes]]:
         head = raw.peek(4)[:4] if hasattr(raw, "peek") else b""
         stream: Any
         if head[:2] == GZIP_MAGIC:
-            stream = gzip.GzipFile(fileobj=counted)  # type: ignore[arg-type]
+            stream = gzip.GzipFile(fileobj=cast(IO[bytes], counted), mode="rb")
         elif head == ZSTD_MAGIC:
             import zstandard
 
-            stream = zstandard.ZstdDecompressor().stream_reader(counted)  # type: ignore[arg-type]
+            stream = zstandard.ZstdDecompressor().stream_reader(cast(IO[bytes], counted))
         else:
             stream = counted
         yield stream

@@ -257,7 +257,7 @@ def convert_layout(
             "layers": layers,
         }
         mdigest, msize = dst.put_bytes(json.dumps(manifest).encode())
-        dst.tag(dst_name, mdigest, msize, manifest["mediaType"])
+        dst.tag(dst_name, mdigest, msize, MT_OCI_MANIFEST if opts.oci else MT_DOCKER_MANIFEST)
         return mdigest
     finally:
         progress.close()

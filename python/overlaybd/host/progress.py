@@ -128,8 +128,8 @@ class CountingReader:
         self.raw = raw
         self.progress = progress
 
-    def read(self, n: int = -1) -> bytes:
-        data = self.raw.read(n)
+    def read(self, n: int | None = -1, /) -> bytes:
+        data = self.raw.read(-1 if n is None else n)
         self.progress.advance(len(data))
         return data
 
