@@ -144,6 +144,7 @@ def test_create_then_commit(tool, tmp_path: Path) -> None:
     assert r.stdout.decode().strip() == expect
 
 
+@pytest.mark.root  # --mkfs goes through FUSE + a loop device
 def test_create_sizes_and_modes(tool, tmp_path: Path) -> None:
     tool("overlaybd-create", tmp_path / "a", tmp_path / "ai", "1")
     assert json.loads(tool("overlaybd-info", tmp_path / "a").stdout)["lsmt"]["header"]["virtual_size"] == 1 << 30

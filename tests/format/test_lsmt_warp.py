@@ -267,6 +267,7 @@ def test_writable_bad_calls(tmp_path: Path) -> None:
 
 def test_writable_bad_index_header(tmp_path: Path, vectors: Path) -> None:
     shutil.copy(vectors / "rw" / "L0.data", tmp_path / "i")  # a data header (0x03), not an index header
+    (tmp_path / "i").chmod(0o644)  # the vectors are read-only; opened for writing, as root or not
     (tmp_path / "d").write_bytes(bytes(4096))
     with pytest.raises(BadMagic) as e:
         lsmt.open_warp_rw(tmp_path / "d", tmp_path / "i")

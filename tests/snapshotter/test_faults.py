@@ -101,6 +101,7 @@ def _fill(path: str) -> None:
             pass
 
 
+@pytest.mark.root  # a tmpfs as the state dir
 def test_disk_full_state_dir(stack_factory, small_fs):
     s = stack_factory({"root": str(small_fs / "root")}, start=False)
     s.start_snapshotter()

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import subprocess
-from collections.abc import Iterator
 
 from .command import HostError, run, stderr_words
 from .mountinfo import mounts_under
@@ -44,13 +42,3 @@ def umount_all_under(path: str, *, lazy: bool = False) -> None:
     """Unmount every mount at or below `path`, deepest first."""
     for mp in mounts_under(path):
         umount(mp, lazy=lazy)
-
-
-@contextlib.contextmanager
-def mounted(source: str, target: str, fstype: str, options: str = "") -> Iterator[str]:
-    """Mount for the duration of the block; always unmounted afterwards."""
-    mount(source, target, fstype, options)
-    try:
-        yield target
-    finally:
-        umount(target)

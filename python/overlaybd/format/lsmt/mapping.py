@@ -187,13 +187,6 @@ def decode_words(words: array[int]) -> Columns:
     return Columns(offs, lens, moffs, zeros)
 
 
-def decode_columns(raw: bytes | bytearray | memoryview) -> Columns:
-    """`decode_words` over packed record bytes (a trailing partial record is ignored)."""
-    words = array("Q")
-    words.frombytes(memoryview(raw)[: len(raw) - len(raw) % RECORD_SIZE])
-    return decode_words(words)
-
-
 def merge_columns(levels: Sequence[Columns]) -> Columns:
     """Flatten sorted per-layer indexes given TOP first: for each sector the topmost mapping
     (data or zeroed) wins, holes fall through; the result's tag is the winning layer's

@@ -34,35 +34,11 @@ class DecodeError(Exception):
     """A block did not decompress to the expected length (caller adds file/field context)."""
 
 
-def _zstd_cctx() -> zstandard.ZstdCompressor:
-    c = getattr(_tls, "zstd_c", None)
-    if c is None:
-        c = _tls.zstd_c = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
-    return c
-
-
 def _zstd_dctx() -> zstandard.ZstdDecompressor:
     d = getattr(_tls, "zstd_d", None)
     if d is None:
         d = _tls.zstd_d = zstandard.ZstdDecompressor()
     return d
-
-
-def _lz4_compress(data: Buffer) -> bytes:
-    return cast(bytes, lz4.block.compress(data, mode="default", store_size=False))
-
-
-def _zstd_compress(data: Buffer) -> bytes:
-    return _zstd_cctx().compress(data)
-
-
-def compressor(algo: int) -> Callable[[Buffer], bytes]:
-    """The block compressor for a header `algo` value."""
-    if algo == ALGO_LZ4:
-        return _lz4_compress
-    if algo == ALGO_ZSTD:
-        return _zstd_compress
-    raise ValueError(f"unsupported ZFile algorithm {algo}")
 
 
 #: the raw library call `(data, capacity)` for hot loops that handle errors themselves (pass the capacity
