@@ -39,6 +39,7 @@ def _cat(image: Path, path: str) -> bytes:
     return r.stdout
 
 
+@pytest.mark.root  # FUSE mount + loop device
 def test_mkfs_then_layers_then_commit(tmp_path: Path) -> None:
     config = _image(tmp_path)
     first, second = tmp_path / "l1.tar.gz", tmp_path / "l2.tar"
@@ -56,6 +57,7 @@ def test_mkfs_then_layers_then_commit(tmp_path: Path) -> None:
     assert _cat(tmp_path / "disk.img", "/etc/gone") == b""
 
 
+@pytest.mark.root  # FUSE mount + loop device
 def test_raw_image(tmp_path: Path) -> None:
     img = tmp_path / "raw.img"
     with open(img, "wb") as f:
@@ -66,6 +68,7 @@ def test_raw_image(tmp_path: Path) -> None:
     assert _cat(img, "/a") == b"raw\n"
 
 
+@pytest.mark.root  # FUSE mount + loop device
 def test_errors(tmp_path: Path) -> None:
     config = _image(tmp_path)
     layer = tmp_path / "l.tar"

@@ -132,6 +132,7 @@ def test_progress_draws_on_a_terminal_only(monkeypatch: pytest.MonkeyPatch) -> N
     assert human_bytes(1536) == "1.5 KiB" and human_bytes(10) == "10 B"
 
 
+@pytest.mark.root  # FUSE mount + loop device
 def test_base_layer_instead_of_mkfs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """convertor --mkfs=false: layers stacked on the prebuilt empty ext4 (reproducible), shipped as layer 0."""
     from overlaybd.convert.baselayer import build_base_layer
