@@ -62,8 +62,8 @@ def test_chain_id_uuid_is_first_128_bits() -> None:
     assert chain_ids([d0, d1]) == [d0, "sha256:" + hashlib.sha256(f"{d0} {d1}".encode()).hexdigest()]
 
 
-def test_uuids_history_and_docker_default(tmp_path: Path) -> None:
-    out = _convert(tmp_path)
+def test_uuids_history_and_docker_media_types(tmp_path: Path) -> None:
+    out = _convert(tmp_path, "--docker")
     _, diff_ids = _source(tmp_path / "again")
     img = out.source("obd")
     assert img.manifest["mediaType"] == "application/vnd.docker.distribution.manifest.v2+json"
@@ -75,6 +75,14 @@ def test_uuids_history_and_docker_default(tmp_path: Path) -> None:
     assert [h[0] for h in headers] == uuids
     assert headers[1][1] == uuids[0]
     assert headers[0][1] == "00000000-0000-0000-0000-000000000000"
+
+
+def test_layout_destination_defaults_to_oci(tmp_path: Path) -> None:
+    """An oci: layout indexes OCI manifests only (skopeo cannot read a Docker v2 one from it): OCI by default."""
+    img = _convert(tmp_path).source("obd")
+    assert img.manifest["mediaType"] == "application/vnd.oci.image.manifest.v1+json"
+    res = subprocess.run(["skopeo", "inspect", "--raw", f"oci:{tmp_path / 'dst'}:obd"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
 
 
 def test_oci_flag_and_old_spelling(tmp_path: Path) -> None:

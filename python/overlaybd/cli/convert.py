@@ -1,7 +1,10 @@
 """`overlaybd-convert SRC DST`: convert an OCI image into an overlaybd image.
 
 SRC/DST are skopeo-style: `oci:DIR[:NAME]` (an OCI layout) or `docker://HOST/REPO:TAG` (a registry,
-moved with skopeo). Needs root (loop devices, mount) and /dev/fuse.
+moved with skopeo). As root layers are built on a FUSE + loop mount; otherwise (or with --userspace)
+with e2fsprogs on a scratch image. Manifests are Docker v2 for a registry destination (as upstream's
+convertor) and OCI for an `oci:` layout destination (an OCI layout can only index OCI manifests for skopeo);
+--oci / --docker choose explicitly.
 """
 
 from __future__ import annotations
@@ -36,8 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--algorithm", choices=("lz4", "zstd"), default="lz4", help="ZFile compression")
     ap.add_argument("--bs", type=int, default=4, choices=(4, 8, 16, 32, 64), help="ZFile block size (KiB)")
     kind = ap.add_mutually_exclusive_group()
-    kind.add_argument("--oci", action="store_true", help="OCI manifest and media types (default: Docker v2)")
-    kind.add_argument("--docker", action="store_true", help="Docker v2 manifest and media types (the default)")
+    kind.add_argument("--oci", action="store_true", help="OCI manifest and media types (default for oci: destinations)")
+    kind.add_argument(
+        "--docker", action="store_true", help="Docker v2 manifest and media types (default for docker:// destinations)"
+    )
     ap.add_argument("--insecure", action="store_true", help="plain HTTP / no TLS verification for registries")
     ap.add_argument("--work-dir", default=None, help="scratch directory")
     ap.add_argument(
@@ -55,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         fstype=args.fstype,
         algorithm=args.algorithm,
         block_kib=args.bs,
-        oci=args.oci,
+        oci=args.oci or (args.dst.startswith("oci:") and not args.docker),
         userspace=args.userspace,
     )
     try:
