@@ -21,6 +21,7 @@ MB_VERSION = struct.Struct("<HHIII")  # version flags cmdr_off cmdr_size cmd_hea
 MB_TAIL_OFFSET = 64  # cmd_tail lives on its own cache line
 MB_TAIL = struct.Struct("<I")
 MAILBOX_SIZE = 68
+HEAD_WORD, TAIL_WORD = 12 // 4, MB_TAIL_OFFSET // 4  # u32 indexes of cmd_head / cmd_tail
 
 FLAG_CAP_OOOC = 1 << 0
 FLAG_CAP_READ_LEN = 1 << 1
@@ -48,10 +49,13 @@ UFLAG_READ_LEN = 0x2
 assert ENTRY_HDR.size == 8 and REQ.size == 40 and IOV_OFFSET == 48
 
 
+_NO_SENSE = bytes(SENSE_BUFFERSIZE)
+_CDB_LENGTHS = (6, 10, 10, 16, 16, 12, 16, 16)  # by group code; reserved/vendor groups: 16
+
+
 def cdb_length(opcode: int) -> int:
     """SCSI CDB length from the opcode's group code (SPC-4 4.2.5.1)."""
-    group = opcode >> 5
-    return {0: 6, 1: 10, 2: 10, 4: 16, 5: 12}.get(group, 16)
+    return _CDB_LENGTHS[(opcode >> 5) & 7]
 
 
 @dataclass(slots=True)
@@ -78,17 +82,21 @@ class Ring:
         if self.cmdr_off < MAILBOX_SIZE or self.cmdr_off + self.cmdr_size > len(region) or self.cmdr_size % 8:
             raise RingError(f"tcmu_mailbox.cmdr_off/cmdr_size: {self.cmdr_off}/{self.cmdr_size} outside the region")
         self.ooo = bool(self.flags & FLAG_CAP_OOOC)
+        # cmd_head / cmd_tail as native u32 words: an item of a memoryview cast to "I" is read and written
+        # with one 4-byte access, while struct's "<I" packs byte by byte, so the kernel (running
+        # concurrently on another CPU) could see a torn cmd_tail and reap entries not yet completed
+        self._words = region[:MAILBOX_SIZE].cast("I")
         # where we have read requests up to (may run ahead of cmd_tail while commands are in flight)
         self.next_read = self.tail
         self._lock = threading.Lock()
 
     @property
     def head(self) -> int:
-        return MB_VERSION.unpack_from(self.region, 0)[4]
+        return int(self._words[HEAD_WORD])
 
     @property
     def tail(self) -> int:
-        return MB_TAIL.unpack_from(self.region, MB_TAIL_OFFSET)[0]
+        return int(self._words[TAIL_WORD])
 
     def _entry_header(self, pos: int) -> tuple[int, int, int]:
         """(op, length, cmd_id) of the entry at ring offset `pos`."""
@@ -134,6 +142,10 @@ class Ring:
         cdb = bytes(self.region[cdb_off : min(cdb_off + clen, len(self.region))])
         return Command(cmd_id, cdb, iovs)
 
+    def close(self) -> None:
+        """Drop our view of the mailbox words (so the device's mapping can be unmapped)."""
+        self._words.release()
+
     def complete(self, cmd_id: int, status: int, sense: bytes = b"") -> None:
         """Write a response into the slot at the tail and advance cmd_tail (caller kicks the kernel)."""
         if len(sense) > SENSE_BUFFERSIZE:
@@ -150,5 +162,7 @@ class Ring:
             ENTRY_HDR.pack_into(self.region, base, len_op, cmd_id, 0, 0)
             RSP.pack_into(self.region, base + ENTRY_HDR.size, status, 0, 0)
             sense_at = base + SENSE_OFFSET
-            self.region[sense_at : sense_at + SENSE_BUFFERSIZE] = sense.ljust(SENSE_BUFFERSIZE, b"\0")
-            MB_TAIL.pack_into(self.region, MB_TAIL_OFFSET, (tail + length) % self.cmdr_size)
+            self.region[sense_at : sense_at + SENSE_BUFFERSIZE] = (
+                sense.ljust(SENSE_BUFFERSIZE, b"\0") if sense else _NO_SENSE
+            )
+            self._words[TAIL_WORD] = (tail + length) % self.cmdr_size  # one store, after the response
