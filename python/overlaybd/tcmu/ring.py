@@ -42,11 +42,12 @@ RSP = struct.Struct("<BxHI")  # scsi_status pad1 pad2 read_len                  
 SENSE_OFFSET = 16
 SENSE_BUFFERSIZE = 96
 ENTRY_MIN_SIZE = SENSE_OFFSET + SENSE_BUFFERSIZE  # 112 = sizeof(struct tcmu_cmd_entry)
+HDR_RSP = struct.Struct("<IHBBBxHI")  # header + rsp up to the sense: one pack per completion
 
 UFLAG_UNKNOWN_OP = 0x1
 UFLAG_READ_LEN = 0x2
 
-assert ENTRY_HDR.size == 8 and REQ.size == 40 and IOV_OFFSET == 48
+assert ENTRY_HDR.size == 8 and REQ.size == 40 and IOV_OFFSET == 48 and HDR_RSP.size == SENSE_OFFSET
 
 
 _NO_SENSE = bytes(SENSE_BUFFERSIZE)
@@ -123,23 +124,27 @@ class Ring:
         return out
 
     def _parse_cmd(self, pos: int, length: int, cmd_id: int) -> Command:
+        region = self.region
         base = self.cmdr_off + pos
         if length < ENTRY_MIN_SIZE:
             raise RingError(f"tcmu_cmd_entry {cmd_id}: length {length} < {ENTRY_MIN_SIZE}")
-        iov_cnt, bidi, dif, cdb_off, _p1, _p2 = REQ.unpack_from(self.region, base + ENTRY_HDR.size)
+        iov_cnt, bidi, dif, cdb_off, _p1, _p2 = REQ.unpack_from(region, base + 8)
         n = iov_cnt + bidi + dif
-        if IOV_OFFSET + n * IOVEC.size > length:
+        if IOV_OFFSET + n * 16 > length:
             raise RingError(f"tcmu_cmd_entry {cmd_id}: req.iov_cnt {n} does not fit in {length} bytes")
+        size = len(region)
+        data_start = self.cmdr_off + self.cmdr_size
         iovs: list[memoryview] = []
+        at = base + IOV_OFFSET
         for i in range(iov_cnt):
-            off, ln = IOVEC.unpack_from(self.region, base + IOV_OFFSET + i * IOVEC.size)
-            if off + ln > len(self.region) or off < self.cmdr_off + self.cmdr_size:
+            off, ln = IOVEC.unpack_from(region, at)
+            if off + ln > size or off < data_start:
                 raise RingError(f"tcmu_cmd_entry {cmd_id}: req.iov[{i}] {off}+{ln} outside the data area")
-            iovs.append(self.region[off : off + ln])
-        if cdb_off + 1 > len(self.region):
+            iovs.append(region[off : off + ln])
+            at += 16
+        if cdb_off >= size:
             raise RingError(f"tcmu_cmd_entry {cmd_id}: req.cdb_off {cdb_off} outside the region")
-        clen = cdb_length(self.region[cdb_off])
-        cdb = bytes(self.region[cdb_off : min(cdb_off + clen, len(self.region))])
+        cdb = bytes(region[cdb_off : cdb_off + _CDB_LENGTHS[(region[cdb_off] >> 5) & 7]])
         return Command(cmd_id, cdb, iovs)
 
     def close(self) -> None:
@@ -159,8 +164,7 @@ class Ring:
                 tail = (tail + length) % self.cmdr_size  # PAD/TMR slots are consumed as we pass them
             base = self.cmdr_off + tail
             len_op = ENTRY_HDR.unpack_from(self.region, base)[0]
-            ENTRY_HDR.pack_into(self.region, base, len_op, cmd_id, 0, 0)
-            RSP.pack_into(self.region, base + ENTRY_HDR.size, status, 0, 0)
+            HDR_RSP.pack_into(self.region, base, len_op, cmd_id, 0, 0, status, 0, 0)
             sense_at = base + SENSE_OFFSET
             self.region[sense_at : sense_at + SENSE_BUFFERSIZE] = (
                 sense.ljust(SENSE_BUFFERSIZE, b"\0") if sense else _NO_SENSE

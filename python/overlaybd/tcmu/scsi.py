@@ -77,6 +77,8 @@ MAX_UNMAP_DESCRIPTORS = 4
 MAX_UNMAP_LBAS = 0x400000  # 2 GiB per UNMAP command
 WRITE_SAME_CHUNK = 1 << 20
 LIO_OUI_NAA = 0x6001405  # NAA 6 + IEEE OUI 00:14:05 as LIO uses
+_R10 = struct.Struct(">IxH")  # READ(10): LBA at 2, transfer length at 7
+_R16 = struct.Struct(">QI")  # READ(16): LBA at 2, transfer length at 10
 
 
 def sense_fixed(key: int, asc_ascq: tuple[int, int], info: int | None = None) -> bytes:
@@ -194,6 +196,8 @@ class ScsiDisk:
     # -- entry point ---------------------------------------------------------------------------
     def execute(self, cdb: bytes, iovs: list[memoryview]) -> tuple[int, bytes]:
         """Run one command; returns (SCSI status, sense bytes or b"")."""
+        if len(iovs) == 1 and cdb and (cdb[0] == READ_10 or cdb[0] == READ_16) and self._fast_read(cdb, iovs[0]):
+            return GOOD, b""
         if not cdb:
             return CHECK_CONDITION, sense_fixed(ILLEGAL_REQUEST, ASC_INVALID_OPCODE)
         handler = self._handlers.get(cdb[0])
@@ -206,6 +210,25 @@ class ScsiDisk:
         except (struct.error, IndexError):
             return CHECK_CONDITION, invalid_cdb().sense  # CDB shorter than its opcode needs
         return GOOD, b""
+
+    def _fast_read(self, cdb: bytes, view: memoryview) -> bool:
+        """READ(10)/READ(16) into one buffer, done in one image read: True when it fully succeeded.
+
+        Why: most commands are reads of this shape, and the general path (DataBuffer, spans, retry
+        loop) is ~1.5 us of a ~10 us command. Anything unusual (short CDB, range, a short or failed
+        read) returns False and the general path runs the command again, with its checks, retries
+        and sense data."""
+        try:
+            lba, count = (_R10 if cdb[0] == READ_10 else _R16).unpack_from(cdb, 2)
+        except struct.error:
+            return False
+        length = count * BLOCK
+        if not count or lba + count > self.num_lbas or len(view) < length:
+            return False
+        try:
+            return bool(self.image.pread_into(view if len(view) == length else view[:length], lba * BLOCK) == length)
+        except Exception:  # the general path reports it (and retries transient errors)
+            return False
 
     # -- trivial -------------------------------------------------------------------------------
     def _ok(self, cdb: bytes, buf: DataBuffer) -> None:
