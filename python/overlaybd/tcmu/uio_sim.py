@@ -25,10 +25,12 @@ real `UioDevice` (through `UioDevice.from_fd`), `Ring`, `CommandProcessor` and `
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import select
 import socket
 import struct
+import termios
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -139,8 +141,15 @@ class SimKernel:
         return cmd_id
 
     def notify(self) -> None:
-        """Publish cmd_head and signal the daemon (its read of the uio fd returns)."""
+        """Publish cmd_head and signal the daemon (its read of the uio fd returns).
+
+        A real uio fd coalesces events: one read returns however many notifications came since the
+        last one. So a signal the daemon has not read yet (bytes still queued on our end, SIOCOUTQ)
+        is not repeated: the daemon fetches up to the new cmd_head after reading the pending one."""
         self.words[3] = self.head
+        pending = struct.unpack("i", fcntl.ioctl(self.kernel_sock, termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+        if pending:
+            return
         try:
             self.kernel_sock.send(b"\1\0\0\0")
         except BlockingIOError:  # the daemon has plenty of unread signals queued already
