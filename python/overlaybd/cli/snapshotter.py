@@ -40,6 +40,7 @@ class EscapeControl(logging.Filter):
 def main(argv: list[str] | None = None) -> int:
     from overlaybd.config.schema import ConfigError
     from overlaybd.config.snapshotter import DEFAULT_PATH, load_config
+    from overlaybd.host import sd_notify
 
     ap = argparse.ArgumentParser(prog="overlaybd-snapshotter", description=__doc__)
     ap.add_argument("config", nargs="?", default=DEFAULT_PATH, help=f"config.json (default {DEFAULT_PATH})")
@@ -77,7 +78,9 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, lambda *_: stop.set())
     if fixed.get("devices_deferred"):  # overlaybd-tcmu not up yet: finish reconcile when it appears
         threading.Thread(target=sn.watch_frontend, args=(stop.is_set,), name="frontend-watch", daemon=True).start()
+    sd_notify.ready(f"serving {cfg.address}")  # the socket accepts connections now (Type=notify)
     stop.wait()
+    sd_notify.stopping()
     server.stop(grace=5).wait()
     sn.close()
     return 0

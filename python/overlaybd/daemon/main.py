@@ -19,6 +19,7 @@ import threading
 from typing import Any
 
 from overlaybd.fuse.control import DEFAULT_RUN_DIR, DEFAULT_SOCKET, FuseFrontend
+from overlaybd.host import sd_notify
 from overlaybd.image.frontend import ImageOpener, default_opener
 from overlaybd.tcmu import configfs
 from overlaybd.tcmu.frontend import TcmuFrontend
@@ -120,9 +121,11 @@ def run(
         try:
             fe.serve()
             log.info("fuse: ready")
+            sd_notify.ready("serving images through FUSE + loop")
             if ready:
                 ready.set()
             select.select([stop_r], [], [])
+            sd_notify.stopping()
         finally:
             fe.shutdown()  # detaches every loop device and unmounts every FUSE file it made
         log.info("stopped")
@@ -136,6 +139,7 @@ def run(
         log.error("tcmu: %s", e)
         return 1
     log.info("tcmu: ready, serving %d recovered device(s)", len(tf.devices))
+    sd_notify.ready(f"serving images through TCMU ({len(tf.devices)} recovered device(s))")
     if ready:
         ready.set()
     while True:
@@ -143,6 +147,7 @@ def run(
         if stop_r in r:
             break
         tf.handle_events()
+    sd_notify.stopping()
     tf.shutdown()
     log.info("stopped")
     return 0
