@@ -89,6 +89,32 @@ def test_render_parses_and_translates(pairs: list[str]) -> None:
         assert snap["address"] == values["snapshotter_address"]
 
 
+def test_plain_http_registries_become_insecure_mirror_registry_entries() -> None:
+    """The snapshotter's lazy reads of a plain-http registry need an insecure mirrorRegistry entry."""
+    from overlaybd.config.snapshotter import config_from_dict
+
+    vals = parse_vars(["plain_http_registry=127.0.0.1:5000", "plain_http_registry=reg.lan", "rw_mode=dir"])
+    ign = translate(yaml.safe_load(render(vals)))
+    snap = json.loads(contents(ign, "/etc/overlaybd-snapshotter/config.json"))
+    assert snap["rwMode"] == "dir"
+    assert snap["mirrorRegistry"] == [
+        {"host": "127.0.0.1:5000", "insecure": True},
+        {"host": "reg.lan", "insecure": True},
+    ]
+    cfg = config_from_dict(snap)  # what the snapshotter will load
+    assert [(m.host, m.insecure) for m in cfg.mirror_registry] == [("127.0.0.1:5000", True), ("reg.lan", True)]
+    alone = json.loads(
+        contents(
+            translate(yaml.safe_load(render(parse_vars(["plain_http_registry=r:1"])))),
+            "/etc/overlaybd-snapshotter/config.json",
+        )
+    )
+    assert alone["rwMode"] == "overlayfs" and alone["mirrorRegistry"] == [{"host": "r:1", "insecure": True}]
+    for bad in ("http://r", "r/x", "a b", ""):
+        with pytest.raises(ButaneVarError, match="plain_http_registry"):
+            parse_vars([f"plain_http_registry={bad}"])
+
+
 def test_special_characters_in_credentials_survive() -> None:
     nasty = "p'a\"s: #s\n{x}\\ü=:"
     ign = translate(yaml.safe_load(render(parse_vars([f"registry_auth=r.example=u:{nasty}"]))))

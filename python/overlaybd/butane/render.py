@@ -73,6 +73,14 @@ def _registry_auth(name: str, value: str) -> tuple[str, str, str]:
     return host, user, password
 
 
+def _plain_http_host(name: str, value: str) -> str:
+    """HOST[:PORT] of a registry reached over plain http (no scheme, no path)."""
+    host = value.strip()
+    if not host or any(c.isspace() for c in host) or "/" in host or host.startswith(("http:", "https:")):
+        raise ButaneVarError(name, f"registry {value!r} must be HOST[:PORT] without scheme, path or spaces")
+    return host
+
+
 def _base_url(name: str, value: str) -> str:
     """http(s) URL of the directory holding SHA256SUMS and the images; normalised to end in '/'."""
     v = value.strip()
@@ -136,6 +144,13 @@ VARIABLES: dict[str, Variable] = {
     ),
     "rw_mode": Variable(
         _choice(RW_MODES), None, "snapshotter rwMode; writes /etc/overlaybd-snapshotter/config.json from the defaults"
+    ),
+    "plain_http_registry": Variable(
+        _plain_http_host,
+        (),
+        "HOST[:PORT] of a plain-http registry, repeatable; writes /etc/overlaybd-snapshotter/config.json with an "
+        "insecure mirrorRegistry entry so lazy reads use http:// (rpull needs --plain-http for it)",
+        repeat=True,
     ),
     "cri_snapshotter": Variable(
         _bool, False, "make overlaybd the CRI snapshotter (kubelet) and forward snapshot annotations"
@@ -296,13 +311,13 @@ def render(values: dict[str, Any] | None = None) -> str:
         doc.setdefault("cacheConfig", {})["cacheSizeGB"] = vals["cache_size_gb"]
         ctx["overlaybd_json"] = _to_json(doc)
     ctx["snapshotter_json"] = None
-    if vals["rw_mode"] is not None:
+    plain = tuple(dict.fromkeys(vals["plain_http_registry"]))  # order kept, duplicates dropped
+    if vals["rw_mode"] is not None or plain or vals["snapshotter_address"] != VARIABLES["snapshotter_address"].default:
         doc = _load_default("snapshotter/config.json")
-        doc["rwMode"] = vals["rw_mode"]
+        if vals["rw_mode"] is not None:
+            doc["rwMode"] = vals["rw_mode"]
         doc["address"] = vals["snapshotter_address"]
-        ctx["snapshotter_json"] = _to_json(doc)
-    elif vals["snapshotter_address"] != VARIABLES["snapshotter_address"].default:
-        doc = _load_default("snapshotter/config.json")
-        doc["address"] = vals["snapshotter_address"]
+        if plain:
+            doc["mirrorRegistry"] = [*doc.get("mirrorRegistry", []), *({"host": h, "insecure": True} for h in plain)]
         ctx["snapshotter_json"] = _to_json(doc)
     return env.get_template(TEMPLATE).render(**ctx)
