@@ -719,3 +719,69 @@ class MemFile:
 
     def close(self) -> None:
         pass
+
+
+@pytest.mark.parametrize("algorithm", ["lz4", "zstd"])
+@pytest.mark.parametrize("accel", [True, False])
+def test_workers_pread_pwrite_same_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, algorithm: str, accel: bool
+) -> None:
+    """compress() from a LocalFile into a file: the workers read and write the file themselves
+    (AtomicOutput, a plain file, a file not at offset 0); the bytes equal the streaming builder's."""
+    from overlaybd.format.zfile import writer
+
+    if not accel:
+        monkeypatch.setattr(writer, "_accel", None)
+    data = incompressible(700_000) + bytes(5 << 20) + incompressible(3 << 20, seed=2) + b"tail" * 99
+    src = tmp_path / "src"
+    src.write_bytes(data)
+    want = _build(data, algorithm=algorithm, threads=1)
+    calls: list[int] = []
+    run = writer._ParallelFds.run
+    monkeypatch.setattr(writer._ParallelFds, "run", lambda self: (calls.append(1), run(self))[1])
+    for threads in (1, 2, 5):
+        assert compress_to_file(src, tmp_path / "a.zf", algorithm=algorithm, threads=threads) == want
+        with LocalFile(src) as f, open(tmp_path / "p.zf", "wb") as out:
+            out.write(b"prefix")
+            compress(f, out, algorithm=algorithm, threads=threads)
+            out.write(b"suffix")
+        assert (tmp_path / "p.zf").read_bytes() == b"prefix" + want + b"suffix"
+    assert len(calls) == 6
+    assert decompressed(tmp_path / "a.zf") == data
+
+
+def test_workers_fall_back_for_append_and_streams(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """O_APPEND files (pwrite would append) and outputs without a descriptor use the caller's writes."""
+    from overlaybd.format.zfile import writer
+
+    data = incompressible(1 << 20) + bytes(1 << 20)
+    src = tmp_path / "src"
+    src.write_bytes(data)
+    want = _build(data, algorithm="lz4", threads=1)
+    monkeypatch.setattr(writer, "_ParallelFds", None)  # any use would fail
+    (tmp_path / "app.zf").write_bytes(b"x")
+    with LocalFile(src) as f, open(tmp_path / "app.zf", "ab") as out:
+        compress(f, out, algorithm="lz4", threads=2)
+    assert (tmp_path / "app.zf").read_bytes() == b"x" + want
+    buf = io.BytesIO()
+    with LocalFile(src) as f:
+        compress(f, buf, algorithm="lz4", threads=2)
+    assert buf.getvalue() == want
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_worker_error_stops_all_workers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, threads: int) -> None:
+    """A failing batch (here a source that reads short) raises in the caller; no worker is left behind."""
+    src = tmp_path / "src"
+    src.write_bytes(incompressible(4 << 20))
+    real = LocalFile.pread_into
+
+    def short(self: LocalFile, buf: memoryview, offset: int) -> int:
+        return real(self, buf[: len(buf) - 1] if offset >= 2 << 20 else buf, offset)
+
+    monkeypatch.setattr(LocalFile, "pread_into", short)
+    before = threading.active_count()
+    with pytest.raises(Truncated):
+        compress_to_file(src, tmp_path / "e.zf", algorithm="lz4", threads=threads)
+    assert threading.active_count() == before
+    assert not (tmp_path / "e.zf").exists()

@@ -18,7 +18,10 @@ for any thread count.
 
 from __future__ import annotations
 
+import fcntl
+import itertools
 import os
+import stat
 import struct
 import sys
 import threading
@@ -32,9 +35,10 @@ import lz4.block  # type: ignore[import-untyped]
 import zstandard
 from crc32c import crc32c as _std_crc32c
 
+from ..atomic import AtomicOutput
 from ..crc32c import BLOCK_CRC_SEED, crc32c_raw
 from ..errors import Truncated
-from ..fileio import RandomAccessFile
+from ..fileio import LocalFile, RandomAccessFile
 from . import header as hdr
 from .codec import ACCEL, ZSTD_LEVEL
 from .header import HT_SIZE, ZFileHeader
@@ -352,13 +356,24 @@ class ZFileBuilder:
 def compress(src: RandomAccessFile, out: Writable, chunk: int | None = None, **options: object) -> None:
     """Compress all of `src` into a ZFile on `out`; `options` as for ZFileBuilder (incl. `threads`).
 
-    Reads `src` in batch-sized pieces, each into a fresh buffer handed to the builder without a copy
-    (`chunk` is accepted for compatibility and ignored).
+    When `src` is a LocalFile and `out` an AtomicOutput or a regular file object with a descriptor
+    (fileno(), flush(), seek(), tell(); not opened for appending), the compression threads read their own input
+    and write their own output (`_ParallelFds`): nothing per batch runs on the caller's thread. Otherwise
+    `src` is read in batch-sized pieces, each into a buffer handed to the builder without a copy (`chunk`
+    is accepted for compatibility and ignored).
     """
+    target = _direct_output(out) if isinstance(src, LocalFile) else None
+    base = target.tell() if target is not None else 0
     builder = ZFileBuilder(out, **options)  # type: ignore[arg-type]
     with builder:
-        step = builder.batch_bytes
         size = src.size()
+        if target is not None:
+            assert isinstance(src, LocalFile)
+            target.flush()  # the header, before the workers pwrite after it
+            _ParallelFds(builder, src, size, target.fileno(), base + HT_SIZE).run()
+            target.seek(base + HT_SIZE + builder._stored)  # the jump table and trailer follow
+            return
+        step = builder.batch_bytes
         pos = 0
         while pos < size:
             want = min(step, size - pos)
@@ -370,3 +385,103 @@ def compress(src: RandomAccessFile, out: Writable, chunk: int | None = None, **o
                 del buf[n:]
             builder.write_batch(buf)
             pos += n
+
+
+class _FileLike(Protocol):
+    def fileno(self) -> int: ...
+    def flush(self) -> object: ...
+    def seek(self, offset: int, whence: int = 0, /) -> int: ...
+    def tell(self) -> int: ...
+
+
+def _direct_output(out: Writable) -> _FileLike | None:
+    """The file object under `out` when the workers may `pwrite` into its descriptor (a regular file
+    not opened for appending; an AtomicOutput's temp file), else None."""
+    f = out.file if isinstance(out, AtomicOutput) else out
+    if not all(callable(getattr(f, m, None)) for m in ("fileno", "flush", "seek", "tell")):
+        return None
+    try:
+        fd = f.fileno()  # type: ignore[attr-defined]
+        if not isinstance(fd, int) or not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_APPEND:  # pwrite would append whatever the offset
+            return None
+    except (OSError, ValueError):  # io.UnsupportedOperation is both
+        return None
+    return cast(_FileLike, f)
+
+
+class _ParallelFds:
+    """Build the blocks of a ZFile with `builder.threads` workers (the caller's thread is one of them)
+    that each loop: take the next batch index, `preadv` that batch of `src` into the worker's own buffer,
+    compress it (GIL-free), then in batch order take the next output offset and extend the jump table
+    (a few microseconds under a lock: the "commit"), and `pwrite` the batch there. A worker waits only
+    for the previous batch to be *compressed*, not written. Memory: one input and one output buffer per
+    worker. The builder's counters (`_lens`, `_stored`, `_raw_size`) end as if write() had been used."""
+
+    def __init__(self, builder: ZFileBuilder, src: LocalFile, size: int, out_fd: int, data_start: int) -> None:
+        self.b = builder
+        self.src = src
+        self.size = size
+        self.fd = out_fd
+        self.start = data_start
+        self.nbatches = -(-size // builder.batch_bytes)
+        self.next = itertools.count()  # next() is atomic in CPython
+        self.cond = threading.Condition()
+        self.committed = 0  # batches whose offset and lengths are assigned
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        b = self.b
+        workers = [
+            threading.Thread(target=self._work, name=f"zfile-compress-{i}", daemon=True)
+            for i in range(1, min(b.threads, self.nbatches))
+        ]
+        for t in workers:
+            t.start()
+        try:
+            self._work()
+        finally:
+            for t in workers:
+                t.join()
+        if self.error is not None:
+            raise self.error
+        b._raw_size += self.size
+
+    def _work(self) -> None:
+        b = self.b
+        bs, verify, batcher, step = b.block_size, b.verify, b._batcher, b.batch_bytes
+        full = bytearray(step)
+        bufs = out_buffers(step, bs) if b._use_out_bufs else None
+        cond = self.cond
+        try:
+            while self.error is None:
+                i = next(self.next)
+                if i >= self.nbatches:
+                    return
+                pos = i * step
+                want = min(step, self.size - pos)
+                buf = full if want == step else bytearray(want)
+                if self.src.pread_into(memoryview(buf), pos) != want:
+                    raise Truncated(self.src.name, "data", f"short read in {want} bytes at offset {pos}")
+                data, lens = batcher(buf, bs, verify, bufs)
+                with cond:
+                    while self.committed != i and self.error is None:
+                        cond.wait()
+                    if self.error is not None:
+                        return
+                    off = self.start + b._stored
+                    b._stored += len(data)
+                    b._lens.extend(lens)
+                    self.committed = i + 1
+                    cond.notify_all()
+                view = memoryview(data)
+                done = 0
+                while done < len(view):
+                    done += os.pwrite(self.fd, view[done:], off + done)
+                del view, data  # the output buffer is reused by this worker's next batch
+        except BaseException as e:
+            with cond:
+                if self.error is None:
+                    self.error = e
+                cond.notify_all()
