@@ -53,7 +53,9 @@ def main() -> None:
 
     root = "/tmp/snaproot"  # guest tmpfs: SQLite WAL needs shared memory, which 9p cannot map
     sn = Snapshotter(config_from_dict({"root": root, "address": f"{S}/sn.sock"}), default_backend(-1, ""))
-    check("tcmu_backend", isinstance(sn.devices, TcmuBackend), type(sn.devices).__name__)
+    # the backend is chosen at each use (issue 10, start order): in this guest it must resolve to TCMU
+    chosen = sn.devices.current() if hasattr(sn.devices, "current") else sn.devices
+    check("tcmu_backend", isinstance(chosen, TcmuBackend), type(chosen).__name__)
     m = sn.prepare("a", "", {})
     shutil.copy(f"{S}/layer.commit", os.path.join(m[0].source, "overlaybd.commit"))
     sn.commit("A", "a", {})
