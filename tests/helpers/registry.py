@@ -39,6 +39,42 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def spawn_registry(config: Path, log_path: Path, port: int, tls: bool = False) -> subprocess.Popen[bytes]:
+    """`docker-registry serve config` in its own session, output appended to log_path; returns once it
+    answers on 127.0.0.1:port (a TCP connect for TLS, else GET /v2/, where 401 also means up)."""
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            [str(REGISTRY_BIN), "serve", str(config)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        try:
+            if tls:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            else:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=1)
+            return proc
+        except urllib.error.HTTPError:
+            return proc  # 401 = up, auth required
+        except OSError:
+            if proc.poll() is not None:
+                break
+            time.sleep(0.05)
+    stop_process_group(proc)
+    raise RuntimeError(f"docker-registry did not start; log: {log_path.read_text()[-2000:]}")
+
+
+def stop_process_group(proc: subprocess.Popen | None) -> None:
+    """SIGTERM the process group of a start_new_session child, SIGKILL if it is not gone within 5 s."""
+    if proc is not None and proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 def b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
@@ -230,37 +266,11 @@ class Registry:
         return f"127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        self.log = open(self.workdir / "registry.log", "ab")
-        self.proc = subprocess.Popen(
-            [REGISTRY_BIN, "serve", str(self.config)], stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            try:
-                if self.tls:
-                    socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                else:
-                    urllib.request.urlopen(f"http://{self.host}/v2/", timeout=1)
-                return
-            except urllib.error.HTTPError:
-                return  # 401 = up, auth required
-            except OSError:
-                if self.proc.poll() is not None:
-                    break
-                time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"docker-registry did not start; log: {(self.workdir / 'registry.log').read_text()}")
+        self.proc = spawn_registry(self.config, self.workdir / "registry.log", self.port, tls=self.tls)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_process_group(self.proc)
         self.proc = None
-        self.log.close()
 
     def close(self) -> None:
         self.stop()

@@ -12,20 +12,13 @@ import http.client
 import http.server
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
-import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-try:  # the shared home of the registry helpers (older trees: the registry tests' conftest)
-    from helpers.registry import REGISTRY_BIN, free_port
-except ImportError:  # pragma: no cover
-    from registry.conftest import REGISTRY_BIN, free_port  # type: ignore[no-redef]
+from helpers.registry import free_port, spawn_registry, stop_process_group
 
 REPO = Path(__file__).resolve().parents[2]
 HOP = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "te", "upgrade", "host"}
@@ -170,35 +163,10 @@ class PullThroughMirror:
         return f"127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        with open(self.workdir / "mirror.log", "ab") as logf:
-            self.proc = subprocess.Popen(
-                [str(REGISTRY_BIN), "serve", str(self.config)],
-                stdout=logf,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            try:
-                urllib.request.urlopen(f"http://{self.host}/v2/", timeout=1)
-                return
-            except urllib.error.HTTPError:
-                return
-            except OSError:
-                if self.proc.poll() is not None:
-                    break
-                time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"mirror did not start: {(self.workdir / 'mirror.log').read_text()[-2000:]}")
+        self.proc = spawn_registry(self.config, self.workdir / "mirror.log", self.port)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_process_group(self.proc)
         self.proc = None
 
 
