@@ -436,7 +436,33 @@ def _image(layout: Path, tag: str, layer_files: list[Path], arch: str) -> tuple[
 # --------------------------------------------------------------------------- test proxy
 
 
-class FaultProxy:
+class LoopbackHTTP:
+    """Base of the test HTTP servers: `_serve(Handler)` serves it on 127.0.0.1:<free port> from a daemon
+    thread; `host`, `close()`."""
+
+    server: http.server.ThreadingHTTPServer
+    port: int
+
+    def _serve(
+        self,
+        handler: type[http.server.BaseHTTPRequestHandler],
+        server_cls: type[http.server.ThreadingHTTPServer] = http.server.ThreadingHTTPServer,
+    ) -> None:
+        self.server = server_cls(("127.0.0.1", 0), handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class FaultProxy(LoopbackHTTP):
     """Test proxy (NOT a fake registry): forwards to the real registry, counts the body bytes it relays,
     and can inject faults — `fail_next` 500s, `truncate_next` bodies cut in half, `reset_next` resets."""
 
@@ -514,18 +540,7 @@ class FaultProxy:
             def log_message(self, *a: object) -> None:
                 pass
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    @property
-    def host(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self._serve(Handler)
 
 
 def make_service(

@@ -15,8 +15,10 @@ import socket
 import threading
 import time
 
+from helpers.registry import LoopbackHTTP
 
-class HostileServer:
+
+class HostileServer(LoopbackHTTP):
     """`mode`: ok | ignore_range | shift_range | total | drip | redirect | realm | status."""
 
     def __init__(self, blobs: list[bytes]) -> None:
@@ -44,14 +46,7 @@ class HostileServer:
             def log_message(self, *a: object) -> None:
                 pass
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    @property
-    def host(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        self._serve(Handler)
 
     def url(self, repo: str = "bad/app") -> str:
         return f"http://{self.host}/v2/{repo}/blobs"
@@ -105,10 +100,6 @@ class HostileServer:
             h.wfile.write(body)
         except OSError:
             pass  # the client aborted (it refused the body): expected
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 class Listener:

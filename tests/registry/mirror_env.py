@@ -18,7 +18,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from helpers.registry import free_port, spawn_registry, stop_process_group
+from helpers.registry import LoopbackHTTP, free_port, spawn_registry, stop_process_group
 
 REPO = Path(__file__).resolve().parents[2]
 HOP = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "te", "upgrade", "host"}
@@ -36,7 +36,7 @@ class Access:
     sent: int
 
 
-class AccessLogProxy:
+class AccessLogProxy(LoopbackHTTP):
     """127.0.0.1:<port> -> origin, GET and HEAD streamed through; every request logged as an `Access`."""
 
     def __init__(self, upstream_port: int) -> None:
@@ -91,13 +91,7 @@ class AccessLogProxy:
             def handle_error(self, request: object, client_address: object) -> None:
                 pass  # a client hanging up mid-body is expected (and counted), not a traceback
 
-        self.server = Server(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    @property
-    def host(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        self._serve(Handler, Server)
 
     def blob_bytes(self) -> int:
         """Body bytes of blob GETs the origin sent."""
@@ -136,10 +130,6 @@ class AccessLogProxy:
     def reset(self) -> None:
         with self.lock:
             self.log.clear()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 class PullThroughMirror:
