@@ -10,24 +10,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from test_tcmu_vm import run_scenario
+from test_tcmu_vm import RO_CHECKS, run_scenario
 
 pytestmark = pytest.mark.vm
 
 REPO = Path(__file__).resolve().parents[2]
 BUNDLE_TCMU = REPO / "out" / "bundle" / "bin" / "overlaybd-tcmu"
-QUICK_CHECKS = [
-    "frontend_tcmu",
-    "attach_ro",
-    "result_success",
-    "cmp_dump",
-    "ro_flag",
-    "size",
-    "hello",
-    "blob",
-    "detached",
-    "daemon_stops",
-]
+QUICK_CHECKS = [*RO_CHECKS, "daemon_stops"]
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.vm
 
 HERE = Path(__file__).parent
 VENV_BIN = HERE.parents[1] / ".venv" / "bin"
-CHECKS = [
+RO_CHECKS = [  # the read-only vector part: all that guest_tcmu.py runs in `quick` mode, then daemon_stops
     "frontend_tcmu",
     "attach_ro",
     "result_success",
@@ -26,6 +26,9 @@ CHECKS = [
     "hello",
     "blob",
     "detached",
+]
+CHECKS = [
+    *RO_CHECKS,
     "bad_enable_fails",
     "bad_result",
     "rw_flag",
