@@ -785,3 +785,26 @@ def test_worker_error_stops_all_workers(tmp_path: Path, monkeypatch: pytest.Monk
         compress_to_file(src, tmp_path / "e.zf", algorithm="lz4", threads=threads)
     assert threading.active_count() == before
     assert not (tmp_path / "e.zf").exists()
+
+
+@pytest.mark.parametrize("algorithm", ["lz4", "zstd"])
+def test_streaming_tasks_pwrite_into_atomic_output(tmp_path: Path, algorithm: str) -> None:
+    """With an AtomicOutput sink the pool tasks write the batches themselves; same bytes, and a failing
+    task (here: bad input type) raises in the caller without leaving threads or the output behind."""
+    data = incompressible(900_000) + bytes(2 << 20) + b"x" * 777
+    want = _build(data, algorithm=algorithm, threads=1)
+    for threads in (2, 5):
+        with AtomicOutput(tmp_path / "s.zf") as f, ZFileBuilder(f, algorithm=algorithm, threads=threads) as b:
+            assert b._direct is not None
+            for pos in range(0, len(data), 300_001):
+                b.write(data[pos : pos + 300_001])
+        assert (tmp_path / "s.zf").read_bytes() == want
+    before = threading.active_count()
+    with pytest.raises(TypeError):
+        with AtomicOutput(tmp_path / "e.zf") as f, ZFileBuilder(f, algorithm=algorithm, threads=2) as b:
+            b.write(data)
+            b._submit("not bytes")  # type: ignore[arg-type]
+            b.write(data)
+            b.close()
+    assert threading.active_count() == before
+    assert not (tmp_path / "e.zf").exists()

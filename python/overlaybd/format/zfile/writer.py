@@ -19,7 +19,6 @@ for any thread count.
 from __future__ import annotations
 
 import fcntl
-import itertools
 import os
 import stat
 import struct
@@ -200,7 +199,7 @@ class ZFileBuilder:
         self.threads = default_threads() if threads is None else threads
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="zfile-compress") if self.threads > 1 else None
         # (result, input buffer, output buffers) per batch in flight, oldest first
-        self._inflight: deque[tuple[Future[Batch], bytes | bytearray, OutBufs | None]] = deque()
+        self._inflight: deque[tuple[Future[Batch | None], bytes | bytearray, OutBufs | None]] = deque()
         # batch-sized buffers recycled once their batch is written: fresh ~0.5 MiB allocations per batch
         # cost a page fault per 4 KiB, as much CPU as LZ4 itself (only the caller's thread touches these)
         self._free_in: list[bytearray] = []
@@ -213,6 +212,17 @@ class ZFileBuilder:
         self._stored = 0
         self._closed = False
         out.write(self._opts.pack())
+        # pool tasks write their own output (in batch order of offsets, not of time) when `out` is a file
+        # they can pwrite into; the caller's thread then only cuts the input into batches
+        self._direct = _direct_output(out) if self._pool is not None else None
+        self._cond = threading.Condition()
+        self._seq = 0  # batches submitted
+        self._committed = 0  # batches whose output offset and lengths are assigned
+        self._fail_seq = sys.maxsize  # the first batch that failed: its successors can never commit
+        if self._direct is not None:
+            self._data_start = self._direct.tell()
+            self._direct.flush()
+            self._fd = self._direct.fileno()
 
     # ---- input ------------------------------------------------------------------------------------------------
     def write(self, data: bytes | bytearray | memoryview) -> int:
@@ -274,11 +284,48 @@ class ZFileBuilder:
         inflight = self._inflight
         while len(inflight) >= self._window:
             self._emit_oldest()
-        inflight.append((self._pool.submit(self._batcher, chunk, self.block_size, self.verify, bufs), chunk, bufs))
+        fut: Future[Batch | None]
+        if self._direct is not None:
+            fut = self._pool.submit(self._direct_task, self._seq, chunk, bufs)
+            self._seq += 1
+        else:
+            fut = self._pool.submit(self._batcher, chunk, self.block_size, self.verify, bufs)
+        inflight.append((fut, chunk, bufs))
+
+    def _direct_task(self, seq: int, chunk: bytes | bytearray, bufs: OutBufs | None) -> Batch | None:
+        """Pool task when the tasks write the output: compress, take the next offset in batch order
+        and extend the jump table (under the lock), then pwrite the batch there."""
+        cond = self._cond
+        try:
+            data, lens = self._batcher(chunk, self.block_size, self.verify, bufs)
+            with cond:
+                while self._committed != seq and self._fail_seq > seq:
+                    cond.wait()
+                if self._committed != seq:
+                    raise RuntimeError("ZFileBuilder aborted (an earlier batch failed)")
+                off = self._data_start + self._stored
+                self._stored += len(data)
+                self._lens.extend(lens)
+                self._committed = seq + 1
+                cond.notify_all()
+            view = memoryview(data)
+            done = 0
+            while done < len(view):
+                done += os.pwrite(self._fd, view[done:], off + done)
+        except BaseException:
+            with cond:
+                self._fail_seq = min(self._fail_seq, seq)
+                cond.notify_all()
+            raise
+        return None
 
     def _emit_oldest(self) -> None:
         fut, chunk, bufs = self._inflight.popleft()
-        self._emit(fut.result(), chunk, bufs)
+        result = fut.result()
+        if result is None:  # the task wrote it: only recycle the buffers
+            self._recycle(chunk, bufs)
+        else:
+            self._emit(result, chunk, bufs)
 
     def _emit(self, result: Batch, chunk: bytes | bytearray, bufs: OutBufs | None) -> None:
         data, lens = result
@@ -286,6 +333,9 @@ class ZFileBuilder:
         self._lens.extend(lens)
         self._stored += len(data)
         del data, result  # release the view of the output buffer before it is reused
+        self._recycle(chunk, bufs)
+
+    def _recycle(self, chunk: bytes | bytearray, bufs: OutBufs | None) -> None:
         if type(chunk) is bytearray and len(chunk) == self.batch_bytes and len(self._free_in) <= self._window:
             self._free_in.append(chunk)
         if bufs is not None and len(self._free_out) <= self._window:
@@ -304,6 +354,8 @@ class ZFileBuilder:
                 self._emit_oldest()
         finally:
             self._shutdown()
+        if self._direct is not None:
+            self._direct.seek(self._data_start + self._stored)  # the jump table and trailer follow
         table = self._lens
         if sys.byteorder != "little":
             table = array("I", table)
@@ -331,6 +383,9 @@ class ZFileBuilder:
 
     def _shutdown(self) -> None:
         self._closed = True
+        with self._cond:  # wakes tasks waiting for a batch that will never be committed
+            self._fail_seq = -1
+            self._cond.notify_all()
         for fut, _, _ in self._inflight:
             fut.cancel()
         self._inflight.clear()
@@ -412,12 +467,13 @@ def _direct_output(out: Writable) -> _FileLike | None:
 
 
 class _ParallelFds:
-    """Build the blocks of a ZFile with `builder.threads` workers (the caller's thread is one of them)
-    that each loop: take the next batch index, `preadv` that batch of `src` into the worker's own buffer,
-    compress it (GIL-free), then in batch order take the next output offset and extend the jump table
-    (a few microseconds under a lock: the "commit"), and `pwrite` the batch there. A worker waits only
-    for the previous batch to be *compressed*, not written. Memory: one input and one output buffer per
-    worker. The builder's counters (`_lens`, `_stored`, `_raw_size`) end as if write() had been used."""
+    """Build the blocks of a ZFile with `builder.threads` workers (the caller's thread is one of them).
+    Each worker loops: take a free buffer set and the next batch index, `preadv` that batch of `src`,
+    compress it (GIL-free), and park the result; under a lock, whoever parks the lowest uncommitted
+    batch commits it and every parked batch that follows (output offset, jump table, in batch order:
+    a few microseconds), then `pwrite`s them and frees their buffers. No worker waits for another to
+    finish compressing. Memory: 2 x threads buffer sets (input and output). The builder's counters
+    (`_lens`, `_stored`, `_raw_size`) end as if write() had been used."""
 
     def __init__(self, builder: ZFileBuilder, src: LocalFile, size: int, out_fd: int, data_start: int) -> None:
         self.b = builder
@@ -426,16 +482,18 @@ class _ParallelFds:
         self.fd = out_fd
         self.start = data_start
         self.nbatches = -(-size // builder.batch_bytes)
-        self.next = itertools.count()  # next() is atomic in CPython
+        self.workers = max(1, min(builder.threads, self.nbatches))
         self.cond = threading.Condition()
+        self.free: list[tuple[bytearray, OutBufs | None]] = []
+        self.nsets = 0  # buffer sets made so far (lazily, at most 2 x workers)
+        self.next_index = 0
+        self.parked: dict[int, tuple[bytes | memoryview, array[int], tuple[bytearray, OutBufs | None]]] = {}
         self.committed = 0  # batches whose offset and lengths are assigned
         self.error: BaseException | None = None
 
     def run(self) -> None:
-        b = self.b
         workers = [
-            threading.Thread(target=self._work, name=f"zfile-compress-{i}", daemon=True)
-            for i in range(1, min(b.threads, self.nbatches))
+            threading.Thread(target=self._work, name=f"zfile-compress-{i}", daemon=True) for i in range(1, self.workers)
         ]
         for t in workers:
             t.start()
@@ -446,40 +504,63 @@ class _ParallelFds:
                 t.join()
         if self.error is not None:
             raise self.error
-        b._raw_size += self.size
+        self.b._raw_size += self.size
+
+    def _take(self) -> tuple[int, tuple[bytearray, OutBufs | None]] | None:
+        """(batch index, buffer set) for the next batch, or None when there is none or on error."""
+        b = self.b
+        with self.cond:
+            while not self.free and self.nsets >= 2 * self.workers and self.error is None:
+                self.cond.wait()
+            if self.error is not None or self.next_index >= self.nbatches:
+                return None
+            i = self.next_index
+            self.next_index += 1
+            if self.free:
+                return i, self.free.pop()
+            self.nsets += 1
+        return i, (bytearray(b.batch_bytes), out_buffers(b.batch_bytes, b.block_size) if b._use_out_bufs else None)
 
     def _work(self) -> None:
         b = self.b
         bs, verify, batcher, step = b.block_size, b.verify, b._batcher, b.batch_bytes
-        full = bytearray(step)
-        bufs = out_buffers(step, bs) if b._use_out_bufs else None
         cond = self.cond
         try:
-            while self.error is None:
-                i = next(self.next)
-                if i >= self.nbatches:
+            while True:
+                got = self._take()
+                if got is None:
                     return
+                i, bufset = got
                 pos = i * step
                 want = min(step, self.size - pos)
-                buf = full if want == step else bytearray(want)
+                buf = bufset[0] if want == step else bytearray(want)
                 if self.src.pread_into(memoryview(buf), pos) != want:
                     raise Truncated(self.src.name, "data", f"short read in {want} bytes at offset {pos}")
-                data, lens = batcher(buf, bs, verify, bufs)
+                data, lens = batcher(buf, bs, verify, bufset[1])
+                writes = []
                 with cond:
-                    while self.committed != i and self.error is None:
-                        cond.wait()
                     if self.error is not None:
                         return
-                    off = self.start + b._stored
-                    b._stored += len(data)
-                    b._lens.extend(lens)
-                    self.committed = i + 1
-                    cond.notify_all()
-                view = memoryview(data)
-                done = 0
-                while done < len(view):
-                    done += os.pwrite(self.fd, view[done:], off + done)
-                del view, data  # the output buffer is reused by this worker's next batch
+                    self.parked[i] = (data, lens, bufset)
+                    del data
+                    while self.committed in self.parked:
+                        d, n, s = self.parked.pop(self.committed)
+                        writes.append((d, self.start + b._stored, s))
+                        b._stored += len(d)
+                        b._lens.extend(n)
+                        self.committed += 1
+                for d, off, _ in writes:
+                    view = memoryview(d)
+                    done = 0
+                    while done < len(view):
+                        done += os.pwrite(self.fd, view[done:], off + done)
+                    del view
+                if writes:
+                    sets = [s for _, _, s in writes]
+                    writes.clear()  # no views of the output buffers survive their reuse
+                    with cond:
+                        self.free.extend(sets)
+                        cond.notify_all()
         except BaseException as e:
             with cond:
                 if self.error is None:
