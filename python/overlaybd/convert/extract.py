@@ -136,6 +136,18 @@ def _kind(st_mode: int) -> str:
     return "directory" if stat.S_ISDIR(st_mode) else "symlink" if stat.S_ISLNK(st_mode) else "non-directory"
 
 
+def write_new_file(path: str, size: int, pieces: Iterator[tuple[int, bytes]]) -> None:
+    """Create `path` (mode 0600; it must not exist, not even as a symlink) from `(offset, bytes)` pieces,
+    `size` bytes long (what the pieces leave out is a hole)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        for offset, chunk in pieces:
+            os.pwrite(fd, chunk, offset)
+        os.ftruncate(fd, size)
+    finally:
+        os.close(fd)
+
+
 class HostFs:
     """The layer's target as a mounted directory: every operation is the kernel's own (os.* calls).
 
@@ -178,13 +190,7 @@ class HostFs:
         os.mknod(self.abspath(rel), mode, device)
 
     def write(self, rel: str, size: int, pieces: Iterator[tuple[int, bytes]]) -> None:
-        fd = os.open(self.abspath(rel), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        try:
-            for offset, chunk in pieces:
-                os.pwrite(fd, chunk, offset)
-            os.ftruncate(fd, size)
-        finally:
-            os.close(fd)
+        write_new_file(self.abspath(rel), size, pieces)
 
     def chown(self, rel: str, uid: int, gid: int) -> None:
         os.chown(self.abspath(rel), uid, gid, follow_symlinks=False)

@@ -34,7 +34,7 @@ from typing import IO, Any
 from ..host.command import HostError, run
 from ..host.mkfs import mkfs_command
 from ..image.ext4map import ROOT_INO, Ext4
-from .extract import LayerError, apply_layer_to
+from .extract import LayerError, apply_layer_to, write_new_file
 
 log = logging.getLogger(__name__)
 
@@ -346,13 +346,7 @@ class Ext4Fs:
     def write(self, rel: str, size: int, pieces: Iterator[tuple[int, bytes]]) -> None:
         parent, prel, name = self._parent(rel)
         path = self._stage()
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            for offset, chunk in pieces:
-                os.pwrite(fd, chunk, offset)
-            os.ftruncate(fd, size)
-        finally:
-            os.close(fd)
+        write_new_file(path, size, pieces)
         self._cd(prel)
         self._emit(rel, "write", _q(path, self.layer, rel), _q(name, self.layer, rel))
         self._new(parent, prel, name, rel, Node(stat.S_IFREG | 0o600))
