@@ -106,9 +106,6 @@ def build_layer(
             index, layer_stream, layer_name, lowers, work, opts, uuid=uuid, parent_uuid=parent_uuid
         )
     from ..format import lsmt
-    from ..format.commit import commit_layer
-    from ..format.errors import FormatError
-    from ..format.output import OutputOptions
 
     d = os.path.join(work, f"layer{index}")
     os.makedirs(d)
@@ -138,16 +135,38 @@ def build_layer(
             log.info("layer %d (%s): %d entries applied", index, layer_name, n)
         finally:
             umount(mnt)
+    return commit_writable(
+        d, data, idx, opts, f"layer {index} ({layer_name})", uuid=uuid, parent_uuid=parent_uuid, progress=progress
+    )
+
+
+def commit_writable(
+    d: str,
+    data: str,
+    idx: str,
+    opts: Any,
+    what: str,
+    *,
+    uuid: str | None = None,
+    parent_uuid: str | None = None,
+    progress: Progress | None = None,
+) -> str:
+    """Commit the writable layer `data` + `idx` to `d`/overlaybd.commit as `overlaybd-commit -z -t` does (a
+    tar-wrapped ZFile, the layer blob), then remove the writable files; returns the blob path."""
+    from ..format.commit import commit_layer
+    from ..format.errors import FormatError
+    from ..format.output import OutputOptions
+
     out = os.path.join(d, "overlaybd.commit")
     blob = OutputOptions(zfile=True, tar=True, algorithm=opts.algorithm, block_size=opts.block_kib * 1024)
     if progress is not None:
         st = os.stat(data)
         progress.step("commit", min(st.st_size, st.st_blocks * 512))
-    try:  # as `overlaybd-commit -z -t`: a tar-wrapped ZFile, the layer blob
+    try:
         report = progress.advance if progress is not None and progress.enabled else None
         commit_layer(data, idx, out, blob, uuid=uuid, parent_uuid=parent_uuid, progress=report)
     except FormatError as e:
-        raise ConvertError(f"layer {index} ({layer_name}): commit failed: {e}") from e
+        raise ConvertError(f"{what}: commit failed: {e}") from e
     os.unlink(data)
     os.unlink(idx)
     return out

@@ -671,10 +671,7 @@ def build_layer(
 
     A file system is made when there are no lowers (layer 0 without a base layer), as there."""
     from ..format import lsmt
-    from ..format.commit import commit_layer
-    from ..format.errors import FormatError
-    from ..format.output import OutputOptions
-    from .convertor import ConvertError
+    from .convertor import ConvertError, commit_writable
 
     vsize = opts.vsize_gb << 30
     d = os.path.join(work, f"layer{index}")
@@ -707,13 +704,6 @@ def build_layer(
         rw.fsync()
     finally:
         rw.close()
-    out = os.path.join(d, "overlaybd.commit")
-    blob = OutputOptions(zfile=True, tar=True, algorithm=opts.algorithm, block_size=opts.block_kib * 1024)
-    try:
-        commit_layer(data, idx, out, blob, uuid=uuid, parent_uuid=parent_uuid)
-    except FormatError as e:
-        raise ConvertError(f"layer {index} ({layer_name}): commit failed: {e}") from e
-    os.unlink(data)
-    os.unlink(idx)
+    out = commit_writable(d, data, idx, opts, f"layer {index} ({layer_name})", uuid=uuid, parent_uuid=parent_uuid)
     sc.layers.append(fingerprint(out))
     return out
