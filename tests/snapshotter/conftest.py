@@ -49,6 +49,16 @@ def lazy_stack(stack_factory, registry) -> Stack:
 
 
 @pytest.fixture
+def client(stack_factory):
+    """(snapshots gRPC stub, stack) with only the snapshotter running: the RPCs straight over its socket."""
+    s = stack_factory(start=False)
+    s.start_snapshotter()
+    stub, ch = s.snapshot_client()
+    yield stub, s
+    ch.close()
+
+
+@pytest.fixture
 def stack(stack_factory) -> Stack:
     return stack_factory()
 

@@ -51,15 +51,6 @@ def remote_layer(stub, ref: str = REF) -> str:
     return ref
 
 
-@pytest.fixture
-def client(stack_factory):
-    s = stack_factory(start=False)
-    s.start_snapshotter()
-    stub, ch = s.snapshot_client()
-    yield stub, s
-    ch.close()
-
-
 def _ns(ts) -> int:
     return ts.seconds * 1_000_000_000 + ts.nanos
 

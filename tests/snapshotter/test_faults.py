@@ -20,15 +20,6 @@ REMOTE = {
 }
 
 
-@pytest.fixture
-def client(stack_factory):
-    s = stack_factory(start=False)
-    s.start_snapshotter()
-    stub, ch = s.snapshot_client()
-    yield stub, s
-    ch.close()
-
-
 @pytest.mark.parametrize(
     "bad",
     [

@@ -9,15 +9,6 @@ import pytest
 from overlaybd.containerd_api import snapshots_pb2 as pb
 
 
-@pytest.fixture
-def client(stack_factory):
-    s = stack_factory(start=False)
-    s.start_snapshotter()
-    stub, ch = s.snapshot_client()
-    yield stub, s
-    ch.close()
-
-
 def code(fn, *args) -> grpc.StatusCode:
     with pytest.raises(grpc.RpcError) as ei:
         fn(*args)
