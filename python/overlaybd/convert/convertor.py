@@ -101,15 +101,30 @@ def build_layer(
     """
     from . import userspace
 
-    if userspace.wanted(opts):  # no device, mount or root: e2fsprogs on a scratch image
-        return userspace.build_layer(
-            index, layer_stream, layer_name, lowers, work, opts, uuid=uuid, parent_uuid=parent_uuid
-        )
-    from ..format import lsmt
-
     d = os.path.join(work, f"layer{index}")
     os.makedirs(d)
     data, idx = os.path.join(d, "writable_data"), os.path.join(d, "writable_index")
+    sc: userspace.Scratch | None = None
+    if userspace.wanted(opts):  # no device, mount or root: e2fsprogs on a scratch image
+        sc = userspace.fill_writable(index, layer_stream, layer_name, lowers, work, opts, data, idx)
+    else:
+        _fill_through_device(index, layer_stream, layer_name, lowers, work, opts, data, idx)
+    out = commit_writable(
+        d, data, idx, opts, f"layer {index} ({layer_name})", uuid=uuid, parent_uuid=parent_uuid, progress=progress
+    )
+    if sc is not None:
+        sc.layers.append(userspace.fingerprint(out))  # the scratch now holds this chain: the next layer reuses it
+    return out
+
+
+def _fill_through_device(
+    index: int, layer_stream: Any, layer_name: str, lowers: list[str], work: str, opts: Options, data: str, idx: str
+) -> None:
+    """Create the writable layer `data` + `idx` over `lowers` and apply the layer through a device and a
+    mount (mkfs first for layer 0 without a base layer)."""
+    from ..format import lsmt
+
+    d = os.path.dirname(data)
     lsmt.create_rw(data, idx, opts.vsize_gb << 30).close()
     config = os.path.join(d, "config.v1.json")
     cfg = {
@@ -135,9 +150,6 @@ def build_layer(
             log.info("layer %d (%s): %d entries applied", index, layer_name, n)
         finally:
             umount(mnt)
-    return commit_writable(
-        d, data, idx, opts, f"layer {index} ({layer_name})", uuid=uuid, parent_uuid=parent_uuid, progress=progress
-    )
 
 
 def commit_writable(

@@ -656,26 +656,19 @@ def wanted(opts: Any) -> bool:
     return os.geteuid() != 0 if flag is None else bool(flag)
 
 
-def build_layer(
-    index: int,
-    layer_stream: Any,
-    layer_name: str,
-    lowers: list[str],
-    work: str,
-    opts: Any,
-    *,
-    uuid: str | None = None,
-    parent_uuid: str | None = None,
-) -> str:
-    """The rootless twin of `convertor.build_layer`: same inputs, same committed blob at the end.
+def fill_writable(
+    index: int, layer_stream: Any, layer_name: str, lowers: list[str], work: str, opts: Any, data: str, idx: str
+) -> Scratch:
+    """The rootless middle of `convertor.build_layer`: apply the layer with e2fsprogs to a scratch image of
+    `lowers` and write what changed into the new writable layer `data` + `idx`; returns the scratch, whose
+    `layers` the caller extends with the `fingerprint` of the committed blob (so the next layer reuses it).
 
     A file system is made when there are no lowers (layer 0 without a base layer), as there."""
     from ..format import lsmt
-    from .convertor import ConvertError, commit_writable
+    from .convertor import ConvertError
 
     vsize = opts.vsize_gb << 30
-    d = os.path.join(work, f"layer{index}")
-    os.makedirs(d)
+    d = os.path.dirname(data)
     sc = scratch_for(work, lowers, vsize)
     if not lowers:
         try:
@@ -691,7 +684,6 @@ def build_layer(
         _SCRATCH.pop(sc.path, None)
         raise
     log.info("layer %d (%s): %d entries applied in user space", index, layer_name, n)
-    data, idx = os.path.join(d, "writable_data"), os.path.join(d, "writable_index")
     rw = lsmt.create_rw(data, idx, vsize)
     try:
         with open(sc.path, "rb", buffering=0) as f:
@@ -704,6 +696,4 @@ def build_layer(
         rw.fsync()
     finally:
         rw.close()
-    out = commit_writable(d, data, idx, opts, f"layer {index} ({layer_name})", uuid=uuid, parent_uuid=parent_uuid)
-    sc.layers.append(fingerprint(out))
-    return out
+    return sc
