@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from helpers.qemu import installed_kernel
+from helpers.qemu import installed_kernel, qemu_cmd, run_qemu
 
 REPO = Path(__file__).resolve().parents[2]
 SUITE = "trixie"
@@ -284,38 +284,15 @@ class Boot:
 
 def boot(image: Path, console_log: Path, *, timeout: float = 900, memory_mb: int = 2048) -> Boot:
     """Boot the disk once (systemd, no network), wait until the guest powers off or reboots (-no-reboot)."""
-    cmd = [
-        "qemu-system-x86_64",
-        "-accel",
-        "tcg",
-        "-cpu",
-        "max",
-        "-smp",
-        "2",
-        "-m",
-        str(memory_mb),
-        "-nographic",
-        "-no-reboot",
-        "-nic",
-        "none",
-        "-kernel",
-        str(KERNEL),
-        "-initrd",
-        str(INITRD),
-        "-drive",
-        f"file={image},format=raw,if=virtio,cache=unsafe",
-        "-append",
+    append = (
         "console=ttyS0 root=/dev/vda rw panic=-1 quiet loglevel=4 systemd.show_status=error "
-        "systemd.journald.forward_to_console=0 net.ifnames=0",
-    ]
+        "systemd.journald.forward_to_console=0 net.ifnames=0"
+    )
+    cmd = qemu_cmd(INITRD, append, cpus=2, memory_mb=memory_mb, kernel=KERNEL)
+    cmd += ["-nic", "none", "-drive", f"file={image},format=raw,if=virtio,cache=unsafe"]
     start = time.monotonic()
-    with open(console_log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
-        try:
-            rc = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            tail = console_log.read_text(errors="replace")[-5000:]
-            raise GuestError(f"guest did not power off within {timeout:.0f}s; console:\n{tail}") from None
+    rc = run_qemu(cmd, console_log, timeout)
+    if rc is None:
+        tail = console_log.read_text(errors="replace")[-5000:]
+        raise GuestError(f"guest did not power off within {timeout:.0f}s; console:\n{tail}")
     return Boot(rc, time.monotonic() - start, console_log.read_text(errors="replace"))

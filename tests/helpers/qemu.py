@@ -84,6 +84,43 @@ poweroff -f
 """
 
 
+def qemu_cmd(initrd: Path, append: str, *, cpus: int, memory_mb: int, kernel: Path = KERNEL) -> list[str]:
+    """qemu-system-x86_64 under TCG booting `kernel` + `initrd` with the serial console on stdio, no reboot
+    (a guest reboot ends qemu); the caller adds its disks, shares and network."""
+    return [
+        "qemu-system-x86_64",
+        "-accel",
+        "tcg",
+        "-cpu",
+        "max",
+        "-smp",
+        str(cpus),
+        "-m",
+        str(memory_mb),
+        "-nographic",
+        "-no-reboot",
+        "-kernel",
+        str(kernel),
+        "-initrd",
+        str(initrd),
+        "-append",
+        append,
+    ]
+
+
+def run_qemu(cmd: list[str], console_log: Path, timeout: float) -> int | None:
+    """Run qemu with its console (stdout and stderr) to console_log; its exit code, or None when it was
+    still running at `timeout` and was killed."""
+    with open(console_log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            return None
+
+
 class VmError(RuntimeError):
     """The guest did not boot or did not finish in time; carries the console log."""
 
@@ -190,24 +227,8 @@ class Guest:
         (self.scratch / "guest-script.sh").write_text(script)
         console_path = self.work / f"console-{self.boots}.log"
         self.boots += 1
-        cmd = [
-            "qemu-system-x86_64",
-            "-accel",
-            "tcg",
-            "-cpu",
-            "max",
-            "-smp",
-            str(self.cpus),
-            "-m",
-            str(self.memory_mb),
-            "-nographic",
-            "-no-reboot",
-            "-kernel",
-            str(KERNEL),
-            "-initrd",
-            str(self.initrd),
-            "-append",
-            "console=ttyS0 panic=-1 loglevel=4 quiet",
+        cmd = qemu_cmd(self.initrd, "console=ttyS0 panic=-1 loglevel=4 quiet", cpus=self.cpus, memory_mb=self.memory_mb)
+        cmd += [
             "-virtfs",
             "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
             "-virtfs",
@@ -216,19 +237,14 @@ class Guest:
         for d in disks or []:
             cmd += ["-drive", f"file={d},format=raw,if=virtio,cache=none,aio=threads"]
         start = time.monotonic()
-        with open(console_path, "wb") as console:
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT)
-            try:
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-                tail = console_path.read_text(errors="replace")[-4000:]
-                raise VmError(f"guest timed out after {timeout}s; console:\n{tail}") from None
+        qemu_rc = run_qemu(cmd, console_path, timeout)
+        if qemu_rc is None:
+            tail = console_path.read_text(errors="replace")[-4000:]
+            raise VmError(f"guest timed out after {timeout}s; console:\n{tail}")
         log = console_path.read_text(errors="replace")
         rc_file = self.scratch / "guest-rc"
         if not rc_file.exists():
-            raise VmError(f"guest script did not finish (qemu rc {proc.returncode}); console:\n{log[-4000:]}")
+            raise VmError(f"guest script did not finish (qemu rc {qemu_rc}); console:\n{log[-4000:]}")
         out = (self.scratch / "guest-output.log").read_text(errors="replace")
         self.last_seconds = time.monotonic() - start
         return GuestResult(int(rc_file.read_text().strip() or -1), out, log)
