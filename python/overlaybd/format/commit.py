@@ -94,9 +94,39 @@ def compress_file(src: RandomAccessFile, out: str, options: OutputOptions = Outp
     """Compress any byte source into a ZFile at `out` (block CRCs on, header not overwritten)."""
     if not options.zfile:
         raise FormatError(out, "output options", "compress_file writes a ZFile: zfile must be set")
+    if isinstance(src, LocalFile) and not options.tar:
+        _compress_local(src, out, options)
+        return
     with LayerOutput(out, options) as sink:
         for piece in read_chunks(src):  # the ZFile builder copies what it is given
             sink.write(piece)
+
+
+def _compress_local(src: LocalFile, out: str, options: OutputOptions) -> None:
+    """A local file to a bare ZFile: the compression threads pread their input and pwrite their output
+    themselves (`zfile.compress`), so nothing per batch runs on this thread and the build scales with cores."""
+    from .atomic import AtomicOutput
+    from .output import OutputExists
+
+    if os.path.lexists(out) and not options.replace:
+        raise OutputExists(out, "output", "file exists")
+    atomic = AtomicOutput(out)
+    try:
+        zfile.compress(
+            src,
+            atomic,
+            algorithm=options.algorithm,
+            block_size=options.block_size,
+            verify=True,
+            threads=options.threads,
+        )
+    except ValueError as e:  # bad algorithm or block size
+        atomic.abort()
+        raise FormatError(out, "output options", str(e)) from None
+    except BaseException:
+        atomic.abort()
+        raise
+    atomic.commit()
 
 
 def open_zfile_payload(f: RandomAccessFile) -> RandomAccessFile:
