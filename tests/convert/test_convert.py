@@ -42,7 +42,7 @@ def test_manifest_and_annotations(converted):
     layers = img.manifest["layers"]
     assert len(layers) == 2
     for ly in layers:
-        assert ly["mediaType"] == "application/vnd.docker.image.rootfs.diff.tar"  # upstream convertor default
+        assert ly["mediaType"] == "application/vnd.oci.image.layer.v1.tar"  # oci: layout destination: OCI
         a = ly["annotations"]
         assert a[PFX + "version"] == "0.1.0" and a[PFX + "blob-digest"] == ly["digest"]
         assert a[PFX + "blob-size"] == str(ly["size"]) and a[PFX + "blob-fs-type"] == "ext4"
