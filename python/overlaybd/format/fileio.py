@@ -76,6 +76,10 @@ class LocalFile:
     def size(self) -> int:
         return os.fstat(self.fd).st_size
 
+    def fd_span(self, offset: int, length: int) -> tuple[int, int] | None:
+        """(fd, offset): the bytes are in this file's descriptor as they are (readers above may pread it)."""
+        return (self.fd, offset) if offset >= 0 and self.fd >= 0 else None
+
     def pread_into(self, buf: memoryview, offset: int) -> int:
         total = 0
         want = len(buf)

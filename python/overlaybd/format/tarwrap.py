@@ -148,6 +148,14 @@ class TarPayload:
         n = max(0, min(size, self._size - offset))
         return self._f.pread(n, self.offset + offset) if n else b""
 
+    def fd_span(self, offset: int, length: int) -> tuple[int, int] | None:
+        """(fd, file offset) of a span of the payload when the file below can name one (see ZFileReader)."""
+        inner = getattr(self._f, "fd_span", None)
+        if inner is None or offset < 0 or offset + length > self._size:
+            return None
+        where: tuple[int, int] | None = inner(self.offset + offset, length)
+        return where
+
     def evict(self, offset: int, length: int) -> None:
         """Forward a cache eviction (used by the ZFile reader's retry) to the underlying file, if it caches."""
         evict = getattr(self._f, "evict", None)

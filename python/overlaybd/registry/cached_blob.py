@@ -72,6 +72,29 @@ class CachedBlob:
         n = self.pread_into(memoryview(buf), offset)
         return bytes(buf[:n])
 
+    def fd_span(self, offset: int, length: int) -> tuple[int, int] | None:
+        """(cache data fd, offset) when every page of the span is cached and verified, else None.
+
+        For the ZFile reader's one-call block read: it checks the block CRC, so a page evicted or
+        refilled under the read is caught there and the read goes through pread_into instead."""
+        end = offset + length
+        if (
+            length <= 0
+            or offset < 0
+            or end > self._size
+            or self._genv[0] != self.store.gen
+            or self._verified.find(0, offset >> 12, (end + 4095) >> 12) >= 0
+        ):
+            return None
+        METRICS.cache_hits += 1
+        self._reads += 1
+        if not self._reads & 1023:  # keep the blob recent for the LRU, as warm pread_into does
+            t = time.monotonic()
+            st = self.store
+            if t - st.last_touch > TOUCH_INTERVAL:
+                st.touch(t)
+        return (self._fd, offset)
+
     def pread_into(self, buf: memoryview, offset: int) -> int:
         """Warm reads are handled inline (one preadv between two generation checks); the rest in _pread.
 

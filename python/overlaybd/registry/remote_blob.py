@@ -77,6 +77,7 @@ class RemoteBlobFile:
         self.closed = False
         # Bound straight to the current source: one Python call less per read on the hot path.
         self.pread_into = remote.pread_into  # type: ignore[method-assign]
+        self.fd_span = getattr(remote, "fd_span", None) or _no_span  # type: ignore[method-assign]
 
     @property
     def digest(self) -> str:
@@ -91,6 +92,12 @@ class RemoteBlobFile:
     def pread(self, size: int, offset: int) -> bytes:
         f = self.local or self.remote
         return f.pread(size, offset)
+
+    def fd_span(self, offset: int, length: int) -> tuple[int, int] | None:  # replaced per instance like pread_into
+        """(fd, offset) of a span the current source holds locally (verified cache pages, the local copy)."""
+        f = self.local or self.remote
+        span = getattr(f, "fd_span", None)
+        return span(offset, length) if span is not None else None
 
     def read_for_download(self, view: memoryview, offset: int) -> int:
         """A block for background download: from the cache if present, else straight from the registry
@@ -114,6 +121,7 @@ class RemoteBlobFile:
                 return
             self.local = f
             self.pread_into = f.pread_into  # type: ignore[method-assign]
+            self.fd_span = f.fd_span  # type: ignore[method-assign]
         log.info("%s: switched to local copy %s", self.name, path)
 
     @property
@@ -134,6 +142,11 @@ class RemoteBlobFile:
 
     def __repr__(self) -> str:
         return f"RemoteBlobFile({self.name!r}, switched={self.switched})"
+
+
+def _no_span(offset: int, length: int) -> None:
+    """fd_span of a source that keeps nothing locally (direct reads)."""
+    return None
 
 
 _DEFAULT: list[Any] = []

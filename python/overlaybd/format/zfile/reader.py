@@ -132,6 +132,13 @@ class ZFileReader:
         self._crc_seed = BLOCK_CRC_SEED if self.verify else None
         if self._fast_block is not None and self.block_count > 1:
             self.pread_into = self._whole_block_reader()  # type: ignore[method-assign,assignment]
+        elif ACCEL is not None and self._lz4 and self.verify and self.block_count > 1:
+            # a source that can name a file descriptor holding a span (a tar payload of a local file, a
+            # registry blob's verified cache pages) gets the same one-call block read; the block CRC makes
+            # it safe against a cache page that changes under the read (any fault -> the general path)
+            span = getattr(f, "fd_span", None)
+            if callable(span):
+                self.pread_into = self._span_block_reader(span)  # type: ignore[method-assign,assignment]
 
     # ---- open-time validation -------------------------------------------------------------------------------
     def _check_options(self, h: ZFileHeader) -> None:
@@ -234,6 +241,34 @@ class ZFileReader:
                         return bs
                 except TypeError:  # a non-contiguous or read-only view: the general path handles it
                     pass
+            return general(buf, offset)
+
+        return pread_into
+
+    def _span_block_reader(
+        self, span: Callable[[int, int], tuple[int, int] | None]
+    ) -> Callable[[memoryview, int], int]:
+        """`pread_into` for sources with `fd_span(offset, length) -> (fd, file offset) | None`: a full-block
+        request whose stored bytes the source has on a local descriptor costs one C call (pread, CRC,
+        decompress); anything else, a None span or a fault, goes to the general method."""
+        offs, seed, bs = self._offsets, self._crc_seed, self.block_size
+        fast = ACCEL.lz4_pread_block if ACCEL is not None else None
+        assert fast is not None and seed is not None
+        full_end = self._last * bs
+        general: Callable[[memoryview, int], int] = ZFileReader.pread_into.__get__(self)
+
+        def pread_into(buf: memoryview, offset: int) -> int:
+            if type(buf) is memoryview and buf.nbytes == bs and 0 <= offset < full_end and not offset % bs:
+                k = offset // bs
+                start = offs[k]
+                length = offs[k + 1] - start
+                where = span(start, length)
+                if where is not None:
+                    try:
+                        if fast(where[0], where[1], length, buf, seed) == 0:
+                            return bs
+                    except TypeError:  # a non-contiguous or read-only view: the general path handles it
+                        pass
             return general(buf, offset)
 
         return pread_into
