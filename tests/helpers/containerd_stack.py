@@ -18,6 +18,9 @@ import time
 import uuid
 from pathlib import Path
 
+from overlaybd.host import loop
+from overlaybd.host.mountinfo import mounts_under
+
 from helpers.oci_images import busybox_layer, write_layout_tar
 from helpers.wait import wait_for
 
@@ -27,25 +30,21 @@ IMAGE = "localhost/obdtest/busybox:1"
 
 
 def mounts_below(path: str) -> list[str]:
-    real = os.path.realpath(path)
-    out = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            mp = line.split()[4].encode().decode("unicode_escape")
-            if mp == real or mp.startswith(real + "/"):
-                out.append(mp)
-    return sorted(set(out), key=len, reverse=True)
+    """Mount points at or below `path`, deepest first."""
+    return mounts_under(path)
 
 
 def release_below(path: str) -> None:
-    """Unmount everything below `path` and detach loop devices backed by files below it."""
+    """Unmount everything below `path` and detach loop devices backed by files below it.
+
+    The loop devices are found first: once a FUSE file below `path` is unmounted, its loop device's
+    backing file reads "/" and nothing would match it any more (they stayed attached, one per test).
+    """
+    loops = loop.devices_backed_by(path)
     for mp in mounts_below(path):
         subprocess.run(["umount", "-l", mp], capture_output=True)
-    r = subprocess.run(["losetup", "-J", "-l"], capture_output=True, text=True)
-    if r.returncode == 0 and r.stdout.strip():
-        for dev in json.loads(r.stdout).get("loopdevices", []):
-            if (dev.get("back-file") or "").startswith(os.path.realpath(path)):
-                subprocess.run(["losetup", "-d", dev["name"]], capture_output=True)
+    for dev in loops:
+        subprocess.run(["losetup", "-d", dev], capture_output=True)
 
 
 def stop_process(p: subprocess.Popen | None, sig: int = signal.SIGTERM, timeout: float = 10) -> None:
