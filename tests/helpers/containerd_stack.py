@@ -29,11 +29,6 @@ VENV_BIN = Path(sys.executable).parent
 IMAGE = "localhost/obdtest/busybox:1"
 
 
-def mounts_below(path: str) -> list[str]:
-    """Mount points at or below `path`, deepest first."""
-    return mounts_under(path)
-
-
 def release_below(path: str) -> None:
     """Unmount everything below `path` and detach loop devices backed by files below it.
 
@@ -41,7 +36,7 @@ def release_below(path: str) -> None:
     backing file reads "/" and nothing would match it any more (they stayed attached, one per test).
     """
     loops = loop.devices_backed_by(path)
-    for mp in mounts_below(path):
+    for mp in mounts_under(path):
         subprocess.run(["umount", "-l", mp], capture_output=True)
     for dev in loops:
         subprocess.run(["losetup", "-d", dev], capture_output=True)

@@ -9,6 +9,7 @@ key (openssl CLI); the registry trusts its certificate through `auth.token.rootc
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import http.server
 import json
@@ -21,6 +22,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -569,3 +571,16 @@ def device(repo_blob_url: str, layers: list[dict], dirs: list[str] | None = None
     for lo, d in zip(lowers, dirs or [], strict=False):
         lo["dir"] = d
     return device_config_from_dict({"repoBlobUrl": repo_blob_url, "lowers": lowers})
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(path: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of `size` (mount's size= syntax) at `path`: a cache disk that fills up (ENOSPC mid-fill)."""
+    path.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 from crc32c import crc32c
-from helpers.registry import build_layout, device, make_service
+from helpers.registry import build_layout, device, make_service, mounted_tmpfs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from overlaybd.registry import cache as cache_mod
@@ -197,13 +197,8 @@ def test_process_killed_mid_fill_leaves_only_correct_pages(tmp_path, registry):
 
 @pytest.fixture
 def small_tmpfs(tmp_path):
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mnt)], capture_output=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], check=False)
+    with mounted_tmpfs(tmp_path / "small", "512k") as mnt:
+        yield mnt
 
 
 def test_cache_disk_full_reads_through_with_one_warning(tmp_path, registry, small_tmpfs, caplog):

@@ -7,11 +7,10 @@ import errno
 import hashlib
 import logging
 import os
-import subprocess
 import threading
 
 import pytest
-from helpers.registry import build_layout, device, make_service
+from helpers.registry import build_layout, device, make_service, mounted_tmpfs
 from helpers.vectors import L01_SHA, logical_sha256
 from helpers.wait import wait_for
 from overlaybd.image.image import open_image
@@ -126,13 +125,8 @@ def test_background_download_digest_mismatch_discarded(tmp_path, registry, l01, 
 
 @pytest.fixture
 def tiny_tmpfs(tmp_path):
-    mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32k", "tmpfs", str(mnt)], capture_output=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], check=False)
+    with mounted_tmpfs(tmp_path / "tiny", "32k") as mnt:
+        yield mnt
 
 
 def test_cache_dir_full_still_serves(tmp_path, registry, l01, tiny_tmpfs):
