@@ -52,9 +52,10 @@ http {{
         listen 127.0.0.1:{port};
         client_max_body_size 0;
 
-        # Blobs are content addresses (the URI names their sha256), so a slice cached under the URI is the
-        # same bytes for every repository, client and credential; the key is $uri, which excludes the
-        # query (containerd's `?ns=<registry>` that overlaybd sends to mirrors too), plus the slice.
+        # Blobs are content addresses (the URI names their sha256), so a slice cached under its URI
+        # (repository and digest) is the same bytes for every client and credential; the key is $uri, which
+        # excludes the query (containerd's `?ns=<registry>`, which overlaybd sends to mirrors too), plus the
+        # slice's range.
         # Anyone who can reach this mirror can read a cached blob whose digest they know: keep it on the
         # site network, as any pull-through cache.
         location ~ ^/v2/.+/blobs/sha256: {{
