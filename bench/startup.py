@@ -439,7 +439,12 @@ def scale_out(layers: int, layer_mib: int, reads: int) -> int:
     Each node is its own process with its own block cache, reading `reads` random 4 KiB ranges of every
     layer lazily (what a container start does: a fraction of each layer). The mirror is docker-registry with
     `proxy: remoteurl:` (fresh storage per scenario), found through a containerd hosts directory; the origin
-    is reached through an access-logging proxy whose log is what the origin sent. Needs no root."""
+    is reached through an access-logging proxy whose log is what the origin sent. Needs no root.
+
+    Per scenario: origin bytes (total, per node, against one direct node), and what the origin's GETs were:
+    range GETs (a node reading from the origin itself), complete whole-blob GETs (the mirror's fills) and
+    cut-short whole-blob GETs (docker-registry's stream to a node that answered its range request with 200
+    while filling, which the node hung up on), with the number of such 200s the nodes got."""
     from registry.mirror_env import (  # tests/registry: the same site as test_mirror.py
         AccessLogProxy,
         PullThroughMirror,
@@ -472,6 +477,8 @@ def scale_out(layers: int, layer_mib: int, reads: int) -> int:
         repo_url = f"http://{proxy.host}/v2/bench/app/blobs"
         want = expected_reads(list(zip(descs, datas, strict=True)), reads, 4096, 7)
         image = layers * layer_mib * MiB
+        sizes = {d["digest"]: d["size"] for d in descs}
+        rows: list[tuple[str, int, float, int, int, float, int, int, str]] = []
         per_node: dict[tuple[str, int], float] = {}
         # mirror: the 3 nodes start together on a cold mirror; staggered: one node first, then the other two
         for mode, n in (("direct", 1), ("direct", 3), ("mirror", 1), ("mirror", 3), ("staggered", 3)):
@@ -481,33 +488,64 @@ def scale_out(layers: int, layer_mib: int, reads: int) -> int:
             proxy.reset()
             t0 = time.monotonic()
             got = []
+            filling: dict[str, int] = {}  # 200 answers ("filling") the nodes got from the mirror, per blob
+            later = 0
             for wave in [[0], [1, 2]] if mode == "staggered" else [list(range(n))]:
+                before = proxy.blob_bytes()
                 procs = [
                     start_node(node_service(work / f"n-{tag}-{i}", hosts), repo_url, descs, reads, 4096, 7)
                     for i in wave
                 ]
-                got += [finish_node(p, timeout=CMD_TIMEOUT) for p in procs]
-                if mode == "staggered" and wave == [0]:
-                    time.sleep(1.0)  # the fill of what node 1 touched completes before the others start
+                got += [finish_node(p, timeout=CMD_TIMEOUT, filling=filling) for p in procs]
+                later = proxy.blob_bytes() - before  # the last wave's share (staggered: nodes 2 and 3)
             took = time.monotonic() - t0
-            time.sleep(1.0)  # a mirror's background fill finishes (counted: it is origin traffic)
+            time.sleep(1.0)  # anything the mirror still fetches in the background is counted too
             if mirror:
                 mirror.stop()
             if any(g != want for g in got):
                 print(f"scale-out {tag}: WRONG BYTES read by a node", file=sys.stderr)
                 return 1
             total = proxy.blob_bytes()
+            gets = proxy.whole_gets()
+            complete = sum(1 for d, v in gets.items() for x in v if x == sizes.get(d))
+            cut = [x for d, v in gets.items() for x in v if x != sizes.get(d)]
+            ranged = len(proxy.ranged_blob_gets())
             per_node[(mode, n)] = total / n
+            after = f"{later / MiB:.1f}" if mode == "staggered" else "-"
+            rows.append((tag, n, total, ranged, complete, max(cut, default=0), len(cut), sum(filling.values()), after))
             print(
                 f"scale-out {mode:9s} {n} node(s): origin sent {total / MiB:7.1f} MiB = "
                 f"{total / n / MiB:6.1f} MiB/node ({total / n / image:.1%} of the {image / MiB:.0f} MiB image "
-                f"per node), whole-blob GETs {sum(len(v) for v in proxy.whole_gets().values())}, {took:.1f}s"
+                f"per node); at the origin: {ranged} range GETs, {complete} complete whole-blob GETs, "
+                f"{len(cut)} cut-short ones ({sum(cut) / MiB:.1f} MiB, largest {max(cut, default=0) / MiB:.1f}); "
+                f"mirror 200s to the nodes {sum(filling.values())}"
+                + (f"; nodes 2+3 added {later / MiB:.1f} MiB" if mode == "staggered" else "")
+                + f"; {took:.1f}s"
             )
         d1 = per_node[("direct", 1)]
         print(
             "ratio scale-out (origin bytes per node / direct 1 node): "
             + "; ".join(f"{m} {n} node(s) {v / d1:.2f}x" for (m, n), v in per_node.items())
         )
+        names = {
+            "direct1": "direct, 1 node",
+            "direct3": "direct, 3 nodes",
+            "mirror1": "mirror (cold), 1 node",
+            "mirror3": "mirror (cold), 3 nodes starting together",
+            "staggered3": "mirror (cold), 1 node, then 2 together",
+        }
+        print(f"\nblobs {len(descs)} x {layer_mib} MiB = {image / MiB:.0f} MiB\n")
+        print(
+            "| scenario | origin MiB | per node | per node / direct 1 node | range GETs at the origin "
+            "| complete whole-blob GETs | cut-short GETs (largest MiB) | mirror 200s to nodes "
+            "| MiB added by nodes 2+3 |"
+        )
+        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for tag, n, total, ranged, complete, largest, ncut, n200, after in rows:
+            print(
+                f"| {names[tag]} | {total / MiB:.1f} | {total / n / MiB:.1f} | {total / n / d1:.2f}x | {ranged} "
+                f"| {complete} | {ncut} ({largest / MiB:.1f}) | {n200} | {after} |"
+            )
         return 0
     finally:
         proxy.close()

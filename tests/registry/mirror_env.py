@@ -107,6 +107,11 @@ class AccessLogProxy(LoopbackHTTP):
                     out.setdefault(a.path.rsplit("/", 1)[1].split("?")[0], []).append(a.sent)
         return out
 
+    def ranged_blob_gets(self) -> list[Access]:
+        """Blob GETs with a Range header (a node reading from the origin itself)."""
+        with self.lock:
+            return [a for a in self.log if "/blobs/sha256:" in a.path and a.method == "GET" and a.range]
+
     def overlap(self, ranged_only: bool = False) -> dict[str, int]:
         """Per blob digest: bytes the origin sent more than once (0 everywhere = each range fetched once);
         `ranged_only`: among requests with a Range header only (a node's own reads, not a mirror's fills)."""
@@ -191,11 +196,13 @@ import hashlib, json, random, sys
 from overlaybd.config.service import load_service_config
 from overlaybd.config.image_config import device_config_from_dict
 from overlaybd.registry import open_remote_blob
+from overlaybd.registry.metrics import METRICS
 svc = load_service_config(sys.argv[1])
 job = json.loads(sys.argv[2])
-out = {}
+out, filling = {}, {}
 for b in job["blobs"]:
     lower = device_config_from_dict({"lowers": [{"digest": b["digest"], "size": b["size"]}]}).lowers[0]
+    before = METRICS.errors.get("mirror_filling", 0)
     f = open_remote_blob(job["repo_url"], lower, svc)
     rng = random.Random(job["seed"])
     h = hashlib.sha256()
@@ -204,7 +211,8 @@ for b in job["blobs"]:
         h.update(f.pread(job["len"], off))
     f.close()
     out[b["digest"]] = h.hexdigest()
-print(json.dumps(out))
+    filling[b["digest"]] = METRICS.errors.get("mirror_filling", 0) - before
+print(json.dumps({"hashes": out, "filling": filling}))
 """
 
 
@@ -239,8 +247,17 @@ def start_node(
     )
 
 
-def finish_node(p: subprocess.Popen[str], timeout: float = 120) -> dict[str, str]:
+def finish_node(
+    p: subprocess.Popen[str], timeout: float = 120, filling: dict[str, int] | None = None
+) -> dict[str, str]:
+    """What the node read (digest -> sha256 of its reads, as `expected_reads`). `filling`, if given, is
+    incremented per digest by the number of 200 answers ("filling its cache") the node got from a mirror
+    to its range requests: each is one whole-blob stream docker-registry opened at the origin."""
     out, err = p.communicate(timeout=timeout)
     if p.returncode != 0:
         raise AssertionError(f"node failed ({p.returncode}): {err[-3000:]}")
-    return dict(json.loads(out.strip().splitlines()[-1]))
+    doc = json.loads(out.strip().splitlines()[-1])
+    if filling is not None:
+        for d, n in doc["filling"].items():
+            filling[d] = filling.get(d, 0) + n
+    return dict(doc["hashes"])

@@ -2,22 +2,28 @@
 
 The site mirror is Debian's docker-registry as a pull-through cache of an origin docker-registry, both on
 127.0.0.1, with an access-logging proxy in front of the origin (mirror_env.py). Three nodes, each its own
-process and cache, read the same blobs lazily through it; then the mirror is stopped, hangs, or answers
-404, and reads fall back to the origin within the deadline without asking the bad mirror again per block.
+process and cache, read the same blobs lazily through the cold mirror, together or one first: the origin
+serves no range and each blob once, whole (plus docker-registry's cut-short streams). Then the mirror is
+stopped, hangs, or answers 404, and reads fall back to the origin within the deadline without asking the bad
+mirror again per block.
 """
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import socket
+import threading
 import time
 from pathlib import Path
 
 import pytest
 from overlaybd.config.service import service_config_from_dict
 from overlaybd.config.snapshotter import config_from_dict
+from overlaybd.registry.client import FILL_MARGIN, FILL_POLL, FILL_POLL_MAX, MIRROR_SHARE, RegistryClient
 from overlaybd.registry.hosts import HostResolver, MirrorSpec, mirror_specs_from_snapshotter, parse_hosts_toml
+from overlaybd.registry.image_ref import BlobLocation
 
 from .mirror_env import (
     AccessLogProxy,
@@ -30,9 +36,9 @@ from .mirror_env import (
 )
 
 try:
-    from helpers.registry import Registry, build_layout, need_tools
+    from helpers.registry import LoopbackHTTP, Registry, build_layout, need_tools
 except ImportError:  # pragma: no cover
-    from .conftest import Registry, build_layout  # type: ignore[no-redef,attr-defined]
+    from .conftest import LoopbackHTTP, Registry, build_layout  # type: ignore[no-redef,attr-defined]
     from .conftest import _need_tools as need_tools
 
 # ---------------------------------------------------------------------------------------------- parsing
@@ -140,11 +146,12 @@ def test_no_sources_means_origin_only(tmp_path: Path) -> None:
 
 MiB = 1 << 20
 READS, LEN, SEED = 24, 64 << 10, 13
+BLOB_MIB = 24
 
 
 @pytest.fixture
 def site(tmp_path: Path):
-    """origin registry with two 6 MiB blobs, the access-log proxy, the pull-through mirror, a hosts dir."""
+    """origin registry with two BLOB_MIB MiB blobs, the access-log proxy, the pull-through mirror, a hosts dir."""
     need_tools()
     origin = Registry(tmp_path / "origin")
     proxy = AccessLogProxy(origin.port)
@@ -152,7 +159,7 @@ def site(tmp_path: Path):
     blobs = []
     files = []
     for i in range(2):
-        data = os.urandom(6 * MiB)
+        data = os.urandom(BLOB_MIB * MiB)
         f = tmp_path / f"blob{i}"
         f.write_bytes(data)
         files.append(f)
@@ -189,31 +196,112 @@ def _run_nodes(site: dict, names: list[str], **svc: int) -> list[dict[str, str]]
     return [finish_node(p) for p in procs]
 
 
-@pytest.mark.registry
-def test_three_nodes_share_one_origin_fetch(site: dict) -> None:
-    """Node 1 warms the mirror; nodes 2 and 3 (concurrently) get every byte from the mirror alone.
+# A whole-blob GET the origin answers for one of the mirror's copyContent streams, which the node hangs up on at
+# its first byte, sends what TCP had in flight on the two hops (origin -> mirror -> node) by the time the mirror
+# noticed: autotuned send buffers of up to tcp_wmem's maximum (4 MiB here) on each hop, plus receive windows.
+# Measured on loopback: 0.2 to 10 MiB per stream. Blobs are larger than this bound, so a cut-short stream is
+# never mistaken for a complete one.
+CUT_SHORT_MAX = 16 * MiB
+NODE_DEADLINE = 10  # node_service's readDeadlineSec
 
-    What the origin sends for node 1, per blob: the mirror's fill (one whole copy); the start of the
-    whole-blob stream docker-registry answers a range request with while it fills, which node 1 hangs up on
-    at its first byte (bounded by socket buffers); and the ranges node 1 reads from the origin meanwhile,
-    each at most once."""
+
+def _max_filling_answers(deadline: float) -> int:
+    """The most 200 answers a node can get for one blob while it waits for the mirror's fill: its first
+    request, then one per poll (the client's schedule; request times only make it fewer)."""
+    share = deadline * MIRROR_SHARE
+    margin = min(1.0, share * FILL_MARGIN)
+    t, delay, n = 0.0, FILL_POLL, 1
+    while (pause := min(delay, share - margin - t)) > 0:
+        t, delay, n = t + pause, min(delay * 2, FILL_POLL_MAX), n + 1
+    return n
+
+
+def _cold_mirror_run(site: dict, waves: list[list[str]]) -> list[tuple[int, dict[str, int]]]:
+    """Run the waves of nodes (each wave's nodes concurrently, separate processes and caches) on the cold
+    mirror; check the bytes every node read. Per wave: (origin blob bytes it caused, its nodes' 200 answers
+    per blob, summed)."""
     want = expected_reads(site["pairs"], READS, LEN, SEED)
     proxy: AccessLogProxy = site["proxy"]
-    sizes = {x["digest"]: x["size"] for x in site["layers"]}
+    out = []
+    for wave in waves:
+        before = proxy.blob_bytes()
+        filling: dict[str, int] = {}
+        per_node = []
+        procs = [
+            start_node(
+                node_service(site["tmp"] / n, site["hosts"], deadline=NODE_DEADLINE),
+                site["repo_url"],
+                site["layers"],
+                READS,
+                LEN,
+                SEED,
+            )
+            for n in wave
+        ]
+        for p in procs:
+            mine: dict[str, int] = {}
+            assert finish_node(p, filling=mine) == want  # every node read the right bytes
+            per_node.append(mine)
+            for d, k in mine.items():
+                filling[d] = filling.get(d, 0) + k
+        # each node waited for the fill alone (one poller per blob in a process), within its schedule
+        bound = _max_filling_answers(NODE_DEADLINE)
+        assert all(k <= bound for mine in per_node for k in mine.values()), (per_node, bound)
+        out.append((proxy.blob_bytes() - before, filling))
+    return out
 
-    assert _run_nodes(site, ["node1"]) == [want]
-    time.sleep(1.0)  # the mirror's background fill of what node 1 touched completes
-    first = proxy.blob_bytes()
-    assert _run_nodes(site, ["node2", "node3"]) == [want, want]
-    later = proxy.blob_bytes() - first
-    print(f"origin blob bytes: node1 {first}, nodes 2+3 {later}, blobs {sum(sizes.values())}")
-    print(f"whole-blob GETs {proxy.whole_gets()}, re-sent {proxy.overlap()}")
-    assert later == 0, "nodes 2 and 3 must be served by the mirror alone"
-    # node 1's own range reads from the origin: no byte twice, except byte 0 of the open probe (`bytes=0-0`)
-    assert all(v <= 1 for v in proxy.overlap(ranged_only=True).values()), proxy.overlap(ranged_only=True)
-    for digest, gets in proxy.whole_gets().items():
-        assert gets.count(sizes[digest]) == 1, (digest, gets)  # one complete fill per blob, the rest cut short
+
+def _check_origin(site: dict, filling: dict[str, int]) -> None:
+    """What the origin served for a cold mirror and any number of nodes: no range request; per blob exactly
+    one complete GET (the mirror's fill) and otherwise cut-short streams, each at most CUT_SHORT_MAX and at
+    most one per 200 answer the nodes got (a node's first request of the blob, and its polls)."""
+    proxy: AccessLogProxy = site["proxy"]
+    sizes = {x["digest"]: x["size"] for x in site["layers"]}
+    ranged = proxy.ranged_blob_gets()
+    assert not ranged, f"the origin was asked for ranges: {ranged[:5]}"
+    cut_short = 0
+    for digest, size in sizes.items():
+        gets = proxy.whole_gets().get(digest, [])
+        cut = [g for g in gets if g != size]
+        assert gets.count(size) == 1, (digest, gets)  # one complete fill per blob
+        assert all(g <= CUT_SHORT_MAX for g in cut), (digest, cut)
+        assert len(cut) <= filling.get(digest, 0), (digest, cut, filling)
+        cut_short += len(cut)
+    total = proxy.blob_bytes()
+    print(
+        f"origin blob bytes {total} for blobs of {sum(sizes.values())}; whole-blob GETs "
+        f"{proxy.whole_gets()}; 200 answers the nodes got {filling}"
+    )
+    assert total <= sum(sizes.values()) + CUT_SHORT_MAX * cut_short
     assert all(a.method in ("GET", "HEAD") for a in proxy.log)
+
+
+@pytest.mark.registry
+def test_three_nodes_on_a_cold_mirror_together(site: dict) -> None:
+    """Three nodes start together on a cold mirror: the origin sends each blob once, whole, to the mirror,
+    and no byte range to anyone.
+
+    A node whose range request the mirror answers with the whole blob (200: docker-registry filling its
+    cache) hangs up at the first byte and waits, asking again (backoff) until the mirror serves the range
+    (206); it never reads the range from the origin meanwhile. What else reaches the origin is
+    docker-registry's own design and cannot be avoided by a client: a cold blob's first request starts
+    `storeLocal` (the one complete GET, into the mirror's storage) AND `copyContent` (a second GET, streamed
+    to the requester), and every request while the fill is in flight opens another copyContent stream. The
+    client hangs up on each at its first byte, so each costs the origin a prefix bounded by socket buffers
+    (CUT_SHORT_MAX), once per node and blob plus once per poll; a HEAD would cost a whole copy, so none is
+    sent."""
+    [(_, filling)] = _cold_mirror_run(site, [["node1", "node2", "node3"]])
+    _check_origin(site, filling)
+
+
+@pytest.mark.registry
+def test_nodes_after_the_fill_cost_the_origin_nothing(site: dict) -> None:
+    """Node 1 alone on a cold mirror (it waits for each blob's fill), then nodes 2 and 3 together: the origin
+    sees the same as for one node (see the test above), and nodes 2 and 3 add 0 bytes and get only 206s."""
+    (first, f1), (later, f23) = _cold_mirror_run(site, [["node1"], ["node2", "node3"]])
+    assert later == 0, "nodes 2 and 3 must be served by the mirror alone"
+    assert not any(f23.values()), f23
+    _check_origin(site, f1)
 
 
 @pytest.mark.registry
@@ -265,3 +353,116 @@ def test_mirror_404_falls_over(site: dict, tmp_path: Path) -> None:
     finally:
         wrong.stop()
         other.close()
+
+
+# ---------------------------------------------------------------------------------------------- fill wait
+
+
+class _FillingMirror(LoopbackHTTP):
+    """A blob server: as a mirror, answers range requests with 200 and the whole blob (streamed, like
+    docker-registry filling its cache) until `fill_at` (monotonic time), then 206; as an origin (fill_at 0)
+    always 206. Logs (status, Range) of every blob request."""
+
+    def __init__(self, data: bytes, fill_at: float) -> None:
+        self.data, self.fill_at = data, fill_at
+        self.log: list[tuple[int, str]] = []
+        srv = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:
+                rng = self.headers.get("Range", "")
+                filling = time.monotonic() < srv.fill_at
+                srv.log.append((200 if filling else 206, rng))
+                if filling:
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(srv.data)))
+                    self.end_headers()
+                    body = srv.data
+                else:
+                    a, b = (int(x) for x in rng.split("=")[1].split("-"))
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {a}-{b}/{len(srv.data)}")
+                    self.send_header("Content-Length", str(b - a + 1))
+                    self.end_headers()
+                    body = srv.data[a : b + 1]
+                try:
+                    self.wfile.write(body)
+                except OSError:
+                    self.close_connection = True
+
+            def log_message(self, *a: object) -> None:
+                pass
+
+        self._serve(Handler)
+
+
+def _fill_client(mirror: _FillingMirror, deadline: float) -> RegistryClient:
+    svc = service_config_from_dict({"mirrorConfig": {"hostsDir": "", "snapshotterConfig": "", "retrySec": 30}})
+    return RegistryClient(svc, deadline=deadline, mirrors=[MirrorSpec(mirror.host, True, ("*",))])
+
+
+def test_filling_mirror_is_waited_for_by_one_poller() -> None:
+    """Eight threads read ranges of one blob a mirror is filling: one thread polls the mirror (backoff), the
+    others wait for it; nobody reads from the origin; afterwards everyone reads the mirror's 206s."""
+    data = os.urandom(2 * MiB)
+    mirror = _FillingMirror(data, time.monotonic() + 0.6)
+    origin = _FillingMirror(data, 0.0)
+    client = _fill_client(mirror, deadline=6)
+    loc = BlobLocation("http", origin.host, "a/b", "sha256:" + "0" * 64)
+    try:
+        offsets = [i * 100_000 for i in range(8)]
+        out: dict[int, bytes] = {}
+
+        def read(off: int) -> None:
+            buf = bytearray(4096)
+            client.read_range(loc, off, memoryview(buf), len(data))
+            out[off] = bytes(buf)
+
+        threads = [threading.Thread(target=read, args=(o,)) for o in offsets]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert all(out[o] == data[o : o + 4096] for o in offsets)
+        assert origin.log == []  # the origin was never asked for a range
+        filling = [e for e in mirror.log if e[0] == 200]
+        # one poller: its first request and polls at 0.05, 0.15, 0.35, 0.75 s (the fill ends at 0.6 s)
+        assert 2 <= len(filling) <= 5, mirror.log
+        assert len(mirror.log) == len(filling) + len(offsets)  # one 206 per read after the fill
+        # the mirror loses the blob (expired from its cache) and fills it again: waited for again
+        mirror.fill_at = time.monotonic() + 0.3
+        mirror.log.clear()
+        read(1_000_000)
+        assert out[1_000_000] == data[1_000_000:1_004_096] and origin.log == []
+        assert mirror.log[0][0] == 200 and mirror.log[-1][0] == 206 and len(mirror.log) <= 5, mirror.log
+    finally:
+        client.close()
+        mirror.close()
+        origin.close()
+
+
+def test_fill_outlasting_the_mirror_share_falls_back_and_holds() -> None:
+    """A mirror still filling when the read's share of the deadline (1/3 of 3 s) is spent: the read comes
+    from the origin, and the next reads of that blob go straight to the origin while the blob is held."""
+    data = os.urandom(1 * MiB)
+    mirror = _FillingMirror(data, time.monotonic() + 3600)
+    origin = _FillingMirror(data, 0.0)
+    client = _fill_client(mirror, deadline=3)
+    loc = BlobLocation("http", origin.host, "a/b", "sha256:" + "1" * 64)
+    try:
+        buf = bytearray(4096)
+        t0 = time.monotonic()
+        client.read_range(loc, 5000, memoryview(buf), len(data))
+        took = time.monotonic() - t0
+        assert bytes(buf) == data[5000:9096]
+        assert 0.5 < took < 2.0, took  # waited for the fill within its 1 s share, then the origin
+        polled = len(mirror.log)
+        client.read_range(loc, 9000, memoryview(buf), len(data))
+        assert bytes(buf) == data[9000:13096] and len(mirror.log) == polled  # held: not asked again
+        assert len(origin.log) == 2
+    finally:
+        client.close()
+        mirror.close()
+        origin.close()

@@ -55,9 +55,16 @@ DEFAULT_DEADLINE = 30.0  # seconds per block read / open probe / manifest, retri
 MAX_BLOB_SIZE = 1 << 40
 # A mirror gets one attempt per operation, bounded by this share of the deadline, so a hung mirror leaves the
 # origin most of it. A mirror answering a range request with the whole blob (200) is filling its cache
-# (docker-registry's pull-through behaviour): that blob is skipped on it for FILLING_HOLD s, doubling.
+# (docker-registry's pull-through behaviour): the read waits for the fill within that same share, asking the
+# mirror again after FILL_POLL s, doubling up to FILL_POLL_MAX (one poller per mirror and blob in a process;
+# the other readers of that blob wait for its outcome). A mirror still filling when the share is spent:
+# this read goes to the origin and the blob is skipped on that mirror for FILLING_HOLD s, doubling; after
+# such a give-up the mirror gets single attempts for that blob (no more waiting) until it serves it.
 MIRROR_SHARE = 1 / 3
 FILLING_HOLD = 1.0
+FILL_POLL = 0.05
+FILL_POLL_MAX = 2.0
+FILL_MARGIN = 0.2  # share of the mirror's time kept for the last poll's own transfer (at most 1 s)
 
 
 def parse_content_range(value: str) -> tuple[int, int, int | None] | None:
@@ -161,6 +168,10 @@ class RegistryClient:
         self._auth: dict[tuple[str, str], Challenge] = {}
         self._redirects: dict[str, _Redirect] = {}
         self._lock = threading.Lock()
+        # "<mirror base> <digest>" -> the fill one thread is waiting for; and the blobs a mirror has served
+        # ranges of (read directly, no coordination). Both only for range reads of blobs.
+        self._fills: dict[str, _Fill] = {}
+        self._mirror_has: set[str] = set()
         p2p = getattr(service, "p2p_config", None)
         if p2p_address is None:
             p2p_address = p2p.address if p2p is not None and p2p.enable else ""
@@ -449,6 +460,7 @@ class RegistryClient:
             at = self._loc_at(loc, ep)
             resp = self._range_once(at, offset, view, until, whole, ep.headers)
             if not ep.origin and resp.status == 200 and resp.refused:
+                METRICS.error("mirror_filling")
                 raise _MirrorFilling(resp.status, "answered a range request with the whole blob (filling its cache)")
             return self._check_range(at, resp, offset, want, size)
 
@@ -460,6 +472,7 @@ class RegistryClient:
             loc.scheme,
             attempt,
             what=f"range bytes={offset}-{offset + want - 1}",
+            wait_fill=True,
         )
 
     @staticmethod
@@ -479,11 +492,14 @@ class RegistryClient:
         scheme: str,
         attempt: Callable[[Endpoint, float], Response],
         what: str = "",
+        wait_fill: bool = False,
     ) -> Response:
         """Each usable mirror once (within MIRROR_SHARE of the deadline), then the origin with the time left.
 
         A mirror that fails is held off (hosts.HostResolver), so the next reads go straight to the next host;
-        nothing a failed mirror sent is returned (the origin's answer overwrites any partial sink)."""
+        nothing a failed mirror sent is returned (the origin's answer overwrites any partial sink).
+        `wait_fill` (blob range reads): a mirror filling its cache is waited for within its share
+        (`_from_mirror`)."""
         start = time.monotonic()
         until = start + self.deadline
         eps = self.hosts.endpoints(registry, scheme, capability)
@@ -492,8 +508,14 @@ class RegistryClient:
                 continue
             if ep.skip_verify and ep.host not in self.transport.skip_verify_hosts:
                 self.transport.skip_verify_hosts.add(ep.host)
+            share = min(until, time.monotonic() + self.deadline * MIRROR_SHARE)
             try:
-                resp = attempt(ep, min(until, time.monotonic() + self.deadline * MIRROR_SHARE))
+                if wait_fill and digest:
+                    resp = self._from_mirror(ep, digest, attempt, share)
+                else:
+                    resp = attempt(ep, share)
+            except _NotThisMirror:
+                continue
             except (RegistryError, _Retryable, TransportError) as e:
                 self._mirror_failed(ep, registry, repository, digest, e, what)
                 continue
@@ -504,6 +526,85 @@ class RegistryClient:
             return resp
         origin = eps[-1]
         return self._retrying(registry, repository, digest, lambda u: attempt(origin, u), what=what, until=until)
+
+    def _from_mirror(
+        self, ep: Endpoint, digest: str, attempt: Callable[[Endpoint, float], Response], share: float
+    ) -> Response:
+        """A range of blob `digest` from mirror `ep` by `share` (a monotonic time), waiting out a cache fill.
+
+        docker-registry as a pull-through cache answers a range of a blob it does not have yet with a 200 and
+        the whole blob, streamed from the origin, and fills its own storage from a second origin GET; it keeps
+        answering 200 (each one another origin stream) until that fill is stored, then 206. So: the first
+        request of this process for a (mirror, blob) goes alone; if it gets 200, that thread polls the mirror
+        (same request, FILL_POLL doubling to FILL_POLL_MAX) until 206 or the share is spent, and the other
+        readers of that blob wait for its outcome instead of polling too (every poll during the fill costs
+        the origin a cut-short stream). After a 206, everyone reads that blob from the mirror directly.
+        Raises _MirrorFilling (the caller holds the blob off this mirror) if the fill outlasts the share,
+        _NotThisMirror if another thread's poll failed (it already held the mirror off) or the share passed
+        while waiting for it, and whatever a request to the mirror raised."""
+        key = f"{ep.base} {digest}"
+        lost: _MirrorFilling | None = None  # the 200 a direct read got (the mirror lost the blob since)
+        while True:
+            with self._lock:
+                if key in self._mirror_has:
+                    fill = None
+                else:
+                    fill = self._fills.get(key)
+                    if fill is None:
+                        fill = self._fills[key] = _Fill()
+                        break  # this thread asks the mirror (and polls if it is filling)
+            if fill is None:
+                try:
+                    return attempt(ep, share)
+                except _MirrorFilling as e:  # lost it since (expired from its cache): filling again
+                    with self._lock:
+                        self._mirror_has.discard(key)
+                    lost = e
+                    continue
+            if not fill.done.wait(max(0.0, share - time.monotonic())):
+                raise _NotThisMirror()  # the poller is still waiting: this read goes to the next host meanwhile
+            if not fill.served:
+                raise _NotThisMirror()
+        served = False
+        try:
+            delay = FILL_POLL
+            patient = self.hosts.failures(key) == 0  # after a give-up on this blob: single attempts only
+            margin = min(1.0, self.deadline * MIRROR_SHARE * FILL_MARGIN)
+            polls = 0
+            t0 = time.monotonic()
+            while True:
+                try:
+                    if lost is not None:  # that answer was this thread's first request: wait before the next
+                        e0: _MirrorFilling = lost
+                        lost = None
+                        raise e0
+                    resp = attempt(ep, share)
+                except _MirrorFilling as e:
+                    pause = min(delay, share - margin - time.monotonic())
+                    if not patient or pause <= 0:
+                        if polls:
+                            e.why += f"; still filling after {polls} polls in {time.monotonic() - t0:.1f}s"
+                        raise
+                    time.sleep(pause)
+                    delay = min(delay * 2, FILL_POLL_MAX)
+                    polls += 1
+                    continue
+                served = True
+                if polls:
+                    log.info(
+                        "mirror %s: %s filled after %d polls in %.1fs", ep.base, digest, polls, time.monotonic() - t0
+                    )
+                self.hosts.ok(key)
+                return resp
+        finally:
+            with self._lock:
+                self._fills.pop(key, None)
+                if served:
+                    if len(self._mirror_has) >= 65536:
+                        self._mirror_has.clear()
+                    self._mirror_has.add(key)
+            fill.served = served
+            fill.done.set()
 
     def _mirror_failed(
         self, ep: Endpoint, registry: str, repository: str, digest: str, e: Exception, what: str
@@ -732,6 +833,20 @@ class _Retryable(Exception):
 
 class _MirrorFilling(_Retryable):
     """A mirror answered a range request with the whole blob: it is still filling its cache."""
+
+
+class _NotThisMirror(Exception):
+    """Skip this mirror for this read without holding it off (another thread's outcome decides)."""
+
+
+class _Fill:
+    """A (mirror, blob) one thread asks the mirror for; the others wait for `done`, then read `served`."""
+
+    __slots__ = ("done", "served")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.served = False
 
 
 def _hostname(host: str) -> str:

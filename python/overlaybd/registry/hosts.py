@@ -13,8 +13,10 @@ configures it, so one configuration serves containerd's own pulls and overlaybd'
 
 Mirrors get one attempt per read; a failed one (refused, timeout, 5xx, 4xx, a wrong answer) is held off
 for `mirrorConfig.retrySec` and the read moves on, so a dead mirror costs one failed request per
-hold-off, not one per block. Files are re-read when they change (checked at most every few seconds),
-like containerd, which needs no restart either.
+hold-off, not one per block. A pull-through mirror answering a range with the whole blob (200: filling its
+cache) is not a failure: the read waits for the fill within the mirror's share of the deadline (client.py,
+`RegistryClient._from_mirror`), and only a fill outlasting it holds that blob off on that mirror. Files are
+re-read when they change (checked at most every few seconds), like containerd, which needs no restart either.
 """
 
 from __future__ import annotations
