@@ -2,7 +2,12 @@
 
 1. cold sequential read of a blob (default 256 MiB) through open_remote_blob vs `curl -o FILE` of the same blob
    (both write the blob to a file: curl its output, the product its cache file); CPU seconds of both and of
-   the registry are printed as well
+   the registry are printed as well, and two more references: a verifying download with standard tools
+   (`curl | tee FILE | openssl dgst -sha256`: the product checks the blob's digest before the read that
+   completes it returns) and the sha256 of the blob alone, in memory, as a share of curl's download
+7. "link": the same cold sequential read of a blob of its own (default 128 MiB) through a paced TCP relay
+   (default 1000 Mbit/s, a separate process) vs curl through the same relay: on loopback both sides are
+   CPU-bound, through a link the question is whether the product keeps the link busy
 2. random 4 KiB cold reads per second (fresh cache), vs random 4 KiB `curl` range requests on one connection
 3. warm (cached) sequential and random reads vs the same blob as a local file (LocalFile)
 4. warm random 4 KiB reads through the image stack (L0+L1 vectors from the registry) vs the same stack on local files
@@ -15,21 +20,25 @@ Timed sections run --runs times (default 5), interleaved with their reference so
 machine state; the ratio printed is of the medians (the min ratio is printed too). The machine these
 figures come from is shared, so one run says little.
 
-Usage: .venv/bin/python bench/registry.py [--mib 256] [--reads 2000] [--runs 5] [--only cold,stack,restart]
+Usage: .venv/bin/python bench/registry.py [--mib 256] [--reads 2000] [--runs 5] [--only cold,link,stack,restart]
+       [--link-mbit 1000] [--link-mib 128]
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import random
 import re
 import resource
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -91,10 +100,16 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument(
         "--only",
-        default="cold,random,warm,stack,restart,startup",
-        help="comma-separated sections: cold, random, warm, stack, restart, startup",
+        default="cold,link,random,warm,stack,restart,startup",
+        help="comma-separated sections: cold, link, random, warm, stack, restart, startup",
     )
+    ap.add_argument("--link-mbit", type=int, default=1000, help="link section: the paced link's rate (Mbit/s)")
+    ap.add_argument("--link-mib", type=int, default=128, help="link section: MiB read through the link")
+    ap.add_argument("--relay", default="", help=argparse.SUPPRESS)  # internal: the link section's relay process
     args = ap.parse_args()
+    if args.relay:
+        run_relay(args.relay, args.link_mbit)
+        return
     tmp = Path(tempfile.mkdtemp(prefix="obd-bench-reg-"))
     reg = Registry(tmp / "registry")
     try:
@@ -137,6 +152,28 @@ def run(args, tmp: Path, reg: Registry) -> None:
         out.unlink()
         return dt
 
+    def verify_once() -> float:
+        """The verifying reference: what a pull that checks the digest does with standard tools (curl writes
+        the file through tee while OpenSSL hashes the same stream in a third process)."""
+        out = tmp / "curl.out"
+        t0 = time.perf_counter()
+        got = subprocess.run(
+            f"curl -sS {url} | tee {out} | openssl dgst -sha256", shell=True, check=True, capture_output=True, text=True
+        ).stdout
+        dt = time.perf_counter() - t0
+        if digest.split(":", 1)[1] not in got:
+            raise SystemExit(f"verifying reference: {got!r} does not name {digest}")
+        out.unlink()
+        return dt
+
+    def sha_only() -> float:
+        """sha256 of the blob from memory, in this process: the digest check's own CPU, which no cold read that
+        verifies the blob can avoid (hashlib: OpenSSL)."""
+        data = blob.read_bytes()
+        t0 = time.perf_counter()
+        hashlib.sha256(data).digest()
+        return time.perf_counter() - t0
+
     def cold_once() -> float:
         cache = tmp / f"cache-{random.random()}"
         f = open_remote_blob(repo_url, lower(digest, size), service(str(cache)))
@@ -151,21 +188,31 @@ def run(args, tmp: Path, reg: Registry) -> None:
 
     only = set(args.only.split(","))
     if "cold" in only:
-        curl_times, cold_times = [], []
+        curl_times, cold_times, verify_times, sha_times = [], [], [], []
         for _ in range(args.runs):  # interleaved so both see the same machine state (page cache, other load)
             curl_times.append(curl_once())
             cold_times.append(cold_once())
+            verify_times.append(verify_once())
+            sha_times.append(sha_only())
         t_curl, t_cold = statistics.median(curl_times), statistics.median(cold_times)
+        t_verify, t_sha = statistics.median(verify_times), statistics.median(sha_times)
         print(
             f"cold sequential {args.mib} MiB (median of {args.runs}): curl {t_curl:.3f}s "
             f"({size / t_curl / 2**20:.0f} MiB/s), overlaybd {t_cold:.3f}s ({size / t_cold / 2**20:.0f} MiB/s)  "
             f"ratio {t_cold / t_curl:.2f}x (target <= 1.3); min ratio {min(cold_times) / min(curl_times):.2f}x"
         )
         print(
+            f"  verifying reference `curl | tee FILE | openssl dgst -sha256` {t_verify:.3f}s: "
+            f"ratio {t_cold / t_verify:.2f}x; sha256 of the blob alone (hashlib, in memory) {t_sha:.3f}s "
+            f"= {t_sha / t_curl:.2f}x curl's whole download"
+        )
+        print(
             "  CPU s (median): "
             + ", ".join(f"{k} {statistics.median(v):.2f}" for k, v in cpu.items())
             + f"; load average {os.getloadavg()[0]:.1f}"
         )
+    if "link" in only:
+        link(args, tmp, reg)
     if "random" in only:
         cold_random(args, tmp, repo_url, digest, size, url)
     if "warm" in only:
@@ -176,6 +223,113 @@ def run(args, tmp: Path, reg: Registry) -> None:
         restart(args, tmp, repo_url, digest, size)
     if "startup" in only:
         startup(tmp, reg)
+
+
+class LinkRelay:
+    """A TCP relay in front of the registry that paces the bytes it sends back to `mbit` Mbit/s in total
+    (one token bucket shared by all connections, like one network link). Why: on loopback both sides are
+    CPU-bound and the ratio is a CPU budget; a node pulls through a network link, where the question is
+    whether the product keeps the link busy. `tc` shaping needs kernel modules this machine lacks."""
+
+    def __init__(self, upstream: tuple[str, int], mbit: int) -> None:
+        self.upstream = upstream
+        self.rate = mbit * 1_000_000 / 8  # bytes/s
+        self.lock = threading.Lock()
+        self.next_free = time.monotonic()
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.host = f"127.0.0.1:{self.sock.getsockname()[1]}"
+        self.closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.closed:
+            try:
+                down, _ = self.sock.accept()
+            except OSError:
+                return
+            up = socket.create_connection(self.upstream)
+            threading.Thread(target=self._pump, args=(down, up, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(up, down, True), daemon=True).start()
+
+    def _pace(self, n: int) -> None:
+        with self.lock:  # reserve the link time for n bytes, then wait for its start
+            now = time.monotonic()
+            start = max(now, self.next_free)
+            self.next_free = start + n / self.rate
+        if start > now:
+            time.sleep(start - now)
+
+    def _pump(self, src: socket.socket, dst: socket.socket, paced: bool) -> None:
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                if paced:
+                    self._pace(len(data))
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for x in (src, dst):
+                try:
+                    x.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                x.close()
+
+    def close(self) -> None:
+        self.closed = True
+        self.sock.close()
+
+
+def link(args, tmp: Path, reg: Registry) -> None:
+    """7. cold sequential through a paced link (default 1 Gbit/s) vs curl through the same link."""
+    n = args.link_mib << 20  # a blob of its own, read whole (the product's read ends with its digest check)
+    blob = tmp / "link.bin"
+    with open(blob, "wb") as f:
+        for _ in range(args.link_mib):
+            f.write(os.urandom(CHUNK))
+    digest = build_layout(tmp / "oci-link", "link", [blob])[0]["digest"]
+    reg.push(tmp / "oci-link", "link", "bench/link")
+    # The relay runs in a process of its own: its threads must not compete for this process's GIL.
+    relay = subprocess.Popen(
+        [sys.executable, __file__, "--relay", reg.host, "--link-mbit", str(args.link_mbit)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        repo_url = f"http://{relay.stdout.readline().strip()}/v2/bench/link/blobs"  # type: ignore[union-attr]
+        url = f"{repo_url}/{digest}"
+        ours, ref = [], []
+        for _ in range(args.runs):
+            out = tmp / "curl.out"
+            t0 = time.perf_counter()
+            subprocess.run(["curl", "-sS", "-o", str(out), url], check=True)
+            ref.append(time.perf_counter() - t0)
+            out.unlink()
+            cache = tmp / f"cache-{random.random()}"
+            f = open_remote_blob(repo_url, lower(digest, n), service(str(cache)))
+            ours.append(seq_read(f, n))
+            f.close()
+            shutil.rmtree(cache)
+        t_ref, t_ours = statistics.median(ref), statistics.median(ours)
+        print(
+            f"cold sequential {n >> 20} MiB through a {args.link_mbit} Mbit/s link (median of {args.runs}): "
+            f"curl {t_ref:.3f}s ({n / t_ref / 2**20:.0f} MiB/s), overlaybd {t_ours:.3f}s "
+            f"({n / t_ours / 2**20:.0f} MiB/s)  ratio {t_ours / t_ref:.2f}x (target <= 1.3)"
+        )
+    finally:
+        relay.kill()
+        relay.wait()
+
+
+def run_relay(upstream: str, mbit: int) -> None:
+    """--relay: run a LinkRelay in front of `upstream` until killed; print its address first."""
+    host, _, port = upstream.rpartition(":")
+    relay = LinkRelay((host, int(port)), mbit)
+    print(relay.host, flush=True)
+    threading.Event().wait()
 
 
 def cold_random(args, tmp: Path, repo_url: str, digest: str, size: int, url: str) -> None:
