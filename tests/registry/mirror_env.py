@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,8 @@ class Access:
     status: int
     start: int  # first byte offset of the body within the blob (Content-Range start, else 0)
     sent: int
+    begin: float = 0.0  # time.monotonic() when the request reached the proxy
+    end: float = 0.0  # ... and when its body was done (or cut short)
 
 
 class AccessLogProxy(LoopbackHTTP):
@@ -49,6 +52,7 @@ class AccessLogProxy(LoopbackHTTP):
             protocol_version = "HTTP/1.1"
 
             def _relay(self) -> None:
+                begin = time.monotonic()
                 conn = http.client.HTTPConnection("127.0.0.1", proxy.upstream, timeout=30)
                 hs = {k: v for k, v in self.headers.items() if k.lower() not in HOP}
                 try:
@@ -64,7 +68,7 @@ class AccessLogProxy(LoopbackHTTP):
                 self.end_headers()
                 cr = resp.getheader("Content-Range", "")
                 start = int(cr.split()[1].split("-")[0]) if cr.startswith("bytes ") else 0
-                entry = Access(self.command, self.path, self.headers.get("Range", ""), resp.status, start, 0)
+                entry = Access(self.command, self.path, self.headers.get("Range", ""), resp.status, start, 0, begin)
                 with proxy.lock:
                     proxy.log.append(entry)
                 try:
@@ -77,6 +81,7 @@ class AccessLogProxy(LoopbackHTTP):
                 except OSError:
                     self.close_connection = True
                 finally:
+                    entry.end = time.monotonic()
                     conn.close()
 
             do_GET = _relay
@@ -93,10 +98,10 @@ class AccessLogProxy(LoopbackHTTP):
 
         self._serve(Handler, Server)
 
-    def blob_bytes(self) -> int:
-        """Body bytes of blob GETs the origin sent."""
+    def blob_bytes(self, since: float = 0.0) -> int:
+        """Body bytes of blob GETs the origin sent (of requests that arrived at `since`, monotonic, or later)."""
         with self.lock:
-            return sum(a.sent for a in self.log if "/blobs/sha256:" in a.path)
+            return sum(a.sent for a in self.log if "/blobs/sha256:" in a.path and a.begin >= since)
 
     def whole_gets(self) -> dict[str, list[int]]:
         """Per blob digest: bytes sent by each GET without Range (a pull-through mirror's fill or stream)."""
@@ -105,6 +110,15 @@ class AccessLogProxy(LoopbackHTTP):
             for a in self.log:
                 if "/blobs/sha256:" in a.path and a.method == "GET" and not a.range:
                     out.setdefault(a.path.rsplit("/", 1)[1].split("?")[0], []).append(a.sent)
+        return out
+
+    def whole_get_log(self) -> dict[str, list[Access]]:
+        """Per blob digest: the GETs without Range, in arrival order (see `whole_gets`)."""
+        out: dict[str, list[Access]] = {}
+        with self.lock:
+            for a in self.log:
+                if "/blobs/sha256:" in a.path and a.method == "GET" and not a.range:
+                    out.setdefault(a.path.rsplit("/", 1)[1].split("?")[0], []).append(a)
         return out
 
     def ranged_blob_gets(self) -> list[Access]:
@@ -192,7 +206,8 @@ def node_service(node_dir: Path, hosts_dir: Path | str, deadline: int = 10, retr
 
 
 NODE_SCRIPT = r"""
-import hashlib, json, random, sys
+import hashlib, json, logging, random, sys
+logging.basicConfig(level=logging.INFO, format="%(relativeCreated)6.0fms %(threadName)s %(levelname)s %(message)s")
 from overlaybd.config.service import load_service_config
 from overlaybd.config.image_config import device_config_from_dict
 from overlaybd.registry import open_remote_blob
@@ -248,12 +263,18 @@ def start_node(
 
 
 def finish_node(
-    p: subprocess.Popen[str], timeout: float = 120, filling: dict[str, int] | None = None
+    p: subprocess.Popen[str],
+    timeout: float = 120,
+    filling: dict[str, int] | None = None,
+    logs: list[str] | None = None,
 ) -> dict[str, str]:
     """What the node read (digest -> sha256 of its reads, as `expected_reads`). `filling`, if given, is
     incremented per digest by the number of 200 answers ("filling its cache") the node got from a mirror
-    to its range requests: each is one whole-blob stream docker-registry opened at the origin."""
+    to its range requests: each is one whole-blob stream docker-registry opened at the origin. `logs`, if
+    given, gets the node's log (INFO and above)."""
     out, err = p.communicate(timeout=timeout)
+    if logs is not None:
+        logs.append(err)
     if p.returncode != 0:
         raise AssertionError(f"node failed ({p.returncode}): {err[-3000:]}")
     doc = json.loads(out.strip().splitlines()[-1])

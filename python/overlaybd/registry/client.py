@@ -555,7 +555,7 @@ class RegistryClient:
                         break  # this thread asks the mirror (and polls if it is filling)
             if fill is None:
                 try:
-                    return attempt(ep, share)
+                    return self._mirror_attempt(ep, attempt, share)
                 except _MirrorFilling as e:  # lost it since (expired from its cache): filling again
                     with self._lock:
                         self._mirror_has.discard(key)
@@ -578,7 +578,7 @@ class RegistryClient:
                         e0: _MirrorFilling = lost
                         lost = None
                         raise e0
-                    resp = attempt(ep, share)
+                    resp = self._mirror_attempt(ep, attempt, share)
                 except _MirrorFilling as e:
                     pause = min(delay, share - margin - time.monotonic())
                     if not patient or pause <= 0:
@@ -605,6 +605,22 @@ class RegistryClient:
                     self._mirror_has.add(key)
             fill.served = served
             fill.done.set()
+
+    @staticmethod
+    def _mirror_attempt(ep: Endpoint, attempt: Callable[[Endpoint, float], Response], share: float) -> Response:
+        """One range request to a mirror; a 5xx is asked again once after FILL_POLL s. docker-registry as a
+        pull-through cache answers 500 ("invalid checksum digest format") for a moment when it commits a blob
+        under a reader, e.g. a second fill of it, which its own check-then-fetch race can start when a request
+        arrives as the first fill completes; holding the whole mirror off for that would send every read of
+        the node to the origin for retrySec."""
+        try:
+            return attempt(ep, share)
+        except _Retryable as e:
+            if isinstance(e, _MirrorFilling) or e.status < 500 or time.monotonic() + FILL_POLL >= share:
+                raise
+            METRICS.error("mirror_5xx_retried")
+            time.sleep(FILL_POLL)
+            return attempt(ep, share)
 
     def _mirror_failed(
         self, ep: Endpoint, registry: str, repository: str, digest: str, e: Exception, what: str
