@@ -491,13 +491,14 @@ def scale_out(layers: int, layer_mib: int, reads: int) -> int:
             filling: dict[str, int] = {}  # 200 answers ("filling") the nodes got from the mirror, per blob
             later = 0
             for wave in [[0], [1, 2]] if mode == "staggered" else [list(range(n))]:
-                before = proxy.blob_bytes()
+                wave_t0 = time.monotonic()
                 procs = [
                     start_node(node_service(work / f"n-{tag}-{i}", hosts), repo_url, descs, reads, 4096, 7)
                     for i in wave
                 ]
                 got += [finish_node(p, timeout=CMD_TIMEOUT, filling=filling) for p in procs]
-                later = proxy.blob_bytes() - before  # the last wave's share (staggered: nodes 2 and 3)
+                # what the requests of the last wave's time caused (staggered: nodes 2 and 3)
+                later = proxy.blob_bytes(since=wave_t0)
             took = time.monotonic() - t0
             time.sleep(1.0)  # anything the mirror still fetches in the background is counted too
             if mirror:
