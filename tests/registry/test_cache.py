@@ -249,6 +249,33 @@ def test_digest_mismatch_fails_the_full_read(tmp_path, caplog):
     assert "as served by the registry hashes to" in caplog.text
 
 
+def test_digest_mismatch_blamed_on_a_mirror_refetches_from_the_next_source(tmp_path):
+    """When the source of a mismatching blob can be blamed (a mirror, now dropped for the blob), the read that
+    found it fails, the blob is not marked failed, and the next full read refetches it and succeeds."""
+    good = os.urandom(300_000)
+    bad = bytearray(good)
+    bad[200_000] ^= 1
+    src = Source(bytes(bad))
+    blamed: list[str] = []
+
+    def drop_mirror(d: str) -> str:
+        blamed.append(d)
+        src.data = good  # what the next source (the origin) serves
+        return "mirror http://mirror.example"
+
+    cache = BlockCache(str(tmp_path), 1 << 30, 65536)
+    st = cache.open_blob(digest(good), len(good))
+    st.on_mismatch = drop_mirror
+    f = CachedBlob("blob", st, src.fetch)
+    with pytest.raises(OSError, match="served by mirror http://mirror.example, not used for this blob again") as ei:
+        f.pread(len(good), 0)
+    assert ei.value.errno == 5 and not st.failed and blamed == [digest(good)]
+    assert f.pread(len(good), 0) == good
+    f.flush()
+    assert st.complete
+    f.close()
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_whole_blob_check_whatever_order_pieces_are_stored(tmp_path, seed):
     """The running sha256 is extended from memory for pieces stored at its front and from the data file for

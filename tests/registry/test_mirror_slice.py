@@ -310,29 +310,29 @@ def _sha(b: bytes) -> str:
 
 
 @pytest.mark.registry
-def test_lying_slice_mirror_whole_blob_read_fails_with_eio(site: dict, lying: dict) -> None:
-    """A mirror serving wrong bytes for a blob: a node reading the whole blob gets EIO at the read that
-    completes it (the block cache's whole-blob sha256 check), never a complete read of wrong bytes. Opened
-    again, the same: the blob is fetched from the mirror again (the mirror is not held off for it) and fails
-    again; the origin is never asked for it (every mirror answer was a correct 206, as far as HTTP goes)."""
+def test_lying_slice_mirror_is_dropped_for_the_blob_and_the_origin_serves_it(site: dict, lying: dict) -> None:
+    """A mirror serving wrong bytes for a blob: the node's read that completes the blob gets EIO (the block
+    cache's whole-blob sha256 check), never a complete read of wrong bytes; the mirror is then not used for
+    that blob again by this process, so the blob opened again is fetched from the origin and reads right."""
     desc, good = lying["desc"], lying["good"]
     reads = [(0, desc["size"])]
     t0 = time.monotonic()
     got = _read_node(site, "n-lie-whole", lying["hosts"], desc, reads, passes=2)
     took = time.monotonic() - t0
     print(f"whole read through a lying mirror, twice: {got} in {took:.1f}s")
-    for g in got:
-        assert g != _sha(good) and g != _sha(lying["bad"]), got
-        assert g.startswith("errno 5:") and "hashes to sha256:" in g, got
+    first, second = got
+    assert first.startswith("errno 5:") and "hashes to sha256:" in first and "not used for this blob again" in first
+    assert second == _sha(good), got
     assert took < 30, took
-    assert not any(_digest(a.path) == desc["digest"] for a in site["proxy"].log), site["proxy"].log
+    assert any(_digest(a.path) == desc["digest"] for a in site["proxy"].log)  # the origin served the second pass
 
 
 @pytest.mark.registry
 @pytest.mark.xfail(
     strict=True,
-    reason="product gap: a range read of a blob not yet complete in the block cache is returned unverified "
-    "(the whole-blob sha256 runs only once every page is present), so a lying mirror's bytes reach the reader",
+    reason="documented limit of uncompressed layers (docs/registry.md, what lazy reads can and cannot "
+    "guarantee): they carry no checksum per range, and the whole-blob sha256 runs once every page is present, "
+    "so before that a lying source's bytes reach the reader; ZFile layers catch them by their block CRCs",
 )
 def test_lying_slice_mirror_partial_reads_are_not_trusted(site: dict, lying: dict) -> None:
     """Random partial reads through a mirror that lies about blob 0: each read must be the right bytes or

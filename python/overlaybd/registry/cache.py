@@ -43,6 +43,7 @@ import struct
 import threading
 import time
 from array import array
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -291,6 +292,12 @@ class BlobStore:
         self.present = 0  # pages with a record (as far as this process knows); npages -> check the digest
         self.complete = False  # every page present and the sha256 matched the digest
         self.failed = ""  # set when the blob's content did not match its digest: reads fail with EIO
+        # Digest mismatches seen by this process; a read during which one happened fails (its bytes may be
+        # the wrong ones). `on_mismatch(digest)` (set by the remote layer) holds off the mirrors that served
+        # the blob and names them: then the blob is refetched from the next source instead of failing.
+        self.mismatches = 0
+        self.mismatch_note = ""  # what the last one was, for the EIO of the reads it failed
+        self.on_mismatch: Callable[[str], str] | None = None
         self.held = False  # fast path diverted until the verdict (see hold_fast_path)
         self._held_gen = 0
         # sha256 of the pages stored in order from offset 0 by this open, so the final check of a blob read
@@ -652,8 +659,19 @@ class BlobStore:
         msg = f"blob {self.digest} ({self.size} bytes) as served by the registry hashes to sha256:{got}"
         self.cache.used = max(0, self.cache.used - self.npages * PAGE)
         self.reset_files()
+        self.mismatches += 1
         if at_open:
             log.error("cache %s: %s; emptied it (fetched by an earlier run), refetching on demand", self.digest, msg)
+            return False
+        blame = ""
+        if self.on_mismatch is not None:
+            try:
+                blame = self.on_mismatch(self.digest)
+            except Exception as e:  # never let the hook turn a verdict into a crash
+                log.warning("cache %s: holding off the sources of the mismatching blob failed: %s", self.digest, e)
+        if blame:
+            self.mismatch_note = f"{msg}; served by {blame}, not used for this blob again: refetching it elsewhere"
+            log.error("cache %s: %s", self.digest, self.mismatch_note)
             return False
         self.failed = f"{msg}; its reads fail until the layer is reopened"
         log.error("cache %s: %s; emptied it and failing its reads until the layer is reopened", self.digest, msg)

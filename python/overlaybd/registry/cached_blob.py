@@ -306,6 +306,7 @@ class CachedBlob:
     def _fill(self, view: memoryview, offset: int) -> None:
         """Serve present blocks from disk, wait for in-flight ones, fetch the rest (one request per run)."""
         st = self.store
+        mismatches = st.mismatches
         R = self.refill
         end = offset + len(view)
         missing: list[int] = []
@@ -356,22 +357,24 @@ class CachedBlob:
         finally:
             for p in waits:
                 self._unref(p)
-        self._await_verdict()
+        self._await_verdict(mismatches)
 
-    def _await_verdict(self) -> None:
+    def _await_verdict(self, mismatches: int = -1) -> None:
         """If this fill leaves no page of the blob missing (all on disk or in flight), wait until they are
         stored and the whole-blob digest check has run: the read that completes a blob whose content does
-        not match its digest fails (EIO) instead of ending a full read in success."""
+        not match its digest fails (EIO) instead of ending a full read in success. So does a fill during
+        which such a verdict was reached (`mismatches`: the count when it started), even when the blob is
+        then refetched from another source: its bytes may be the wrong ones."""
         st = self.store
-        if st.complete or st.disabled:
-            return
-        pending = self._completing()
-        if not pending:
-            return
-        for p in pending:
-            p.finished.wait()
-        if st.failed:
-            raise OSError(errno.EIO, f"{self.name}: {st.failed}")
+        if not (st.complete or st.disabled):
+            pending = self._completing()
+            for p in pending:
+                p.finished.wait()
+            if pending and st.failed:
+                raise OSError(errno.EIO, f"{self.name}: {st.failed}")
+        if mismatches >= 0 and st.mismatches != mismatches:
+            why = st.failed or st.mismatch_note or "the blob did not match its digest during this read"
+            raise OSError(errno.EIO, f"{self.name}: {why}")
 
     def _completing(self) -> set[_Pending]:
         """The fetches in flight if, once stored, no page of the blob is missing; else an empty set."""

@@ -24,6 +24,7 @@ import random
 import socket
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -61,6 +62,7 @@ MAX_BLOB_SIZE = 1 << 40
 # this read goes to the origin and the blob is skipped on that mirror for FILLING_HOLD s, doubling; after
 # such a give-up the mirror gets single attempts for that blob (no more waiting) until it serves it.
 MIRROR_SHARE = 1 / 3
+SERVED_BY_BLOBS = 4096  # blobs whose serving mirrors are remembered (for distrust_mirrors)
 FILLING_HOLD = 1.0
 FILL_POLL = 0.05
 FILL_POLL_MAX = 2.0
@@ -172,6 +174,8 @@ class RegistryClient:
         # ranges of (read directly, no coordination). Both only for range reads of blobs.
         self._fills: dict[str, _Fill] = {}
         self._mirror_has: set[str] = set()
+        # digest -> the mirrors that served ranges of it (most recent blobs last, bounded), for distrust_mirrors
+        self._served_by: OrderedDict[str, set[str]] = OrderedDict()
         p2p = getattr(service, "p2p_config", None)
         if p2p_address is None:
             p2p_address = p2p.address if p2p is not None and p2p.enable else ""
@@ -523,9 +527,30 @@ class RegistryClient:
                 self._mirror_failed(ep, registry, repository, digest, _Retryable(resp.status, "refused"), what)
                 continue
             self.hosts.ok(ep.base)
+            if wait_fill and digest:
+                self._note_served(digest, ep.base)
             return resp
         origin = eps[-1]
         return self._retrying(registry, repository, digest, lambda u: attempt(origin, u), what=what, until=until)
+
+    def _note_served(self, digest: str, base: str) -> None:
+        with self._lock:
+            bases = self._served_by.pop(digest, None) or set()
+            bases.add(base)
+            self._served_by[digest] = bases
+            while len(self._served_by) > SERVED_BY_BLOBS:
+                self._served_by.popitem(last=False)
+
+    def distrust_mirrors(self, digest: str) -> str:
+        """Stop using, for blob `digest` and for the life of this process, every mirror that served ranges of
+        it; returns their names ("" when none did). Called when the blob's content did not match its digest,
+        so the next fetches of it go to the next source (in the end the origin) instead of the same liar."""
+        with self._lock:
+            bases = sorted(self._served_by.pop(digest, set()))
+        for base in bases:
+            self.hosts.distrust(base, digest)
+            METRICS.error("mirror_distrusted")
+        return ", ".join(f"mirror {redact_url(b)}" for b in bases)
 
     def _from_mirror(
         self, ep: Endpoint, digest: str, attempt: Callable[[Endpoint, float], Response], share: float

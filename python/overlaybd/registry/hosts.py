@@ -223,6 +223,7 @@ class HostResolver:
         self._files: dict[str, _Watched] = {}
         self._warned: set[tuple[str, str]] = set()
         self._held: dict[str, tuple[float, int]] = {}  # key -> (until, consecutive failures)
+        self._distrusted: set[str] = set()  # "<mirror base> <digest>": served content not matching the digest
         self._lock = threading.Lock()
 
     @classmethod
@@ -317,7 +318,15 @@ class HostResolver:
             return True
         now = time.monotonic()
         keys = [ep.base, f"{ep.base} {repository}"] + ([f"{ep.base} {digest}"] if digest else [])
+        if digest and keys[-1] in self._distrusted:
+            return False
         return not any(self.held(k, now) for k in keys)
+
+    def distrust(self, base: str, digest: str) -> None:
+        """Never use mirror `base` for blob `digest` again in this process: what it served for the blob did
+        not match the digest. (A hold-off ends after retrySec; a mirror that lies about a blob keeps lying.)"""
+        with self._lock:
+            self._distrusted.add(f"{base} {digest}")
 
     # ----------------------------------------------------------------- hold-off
 

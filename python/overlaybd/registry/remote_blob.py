@@ -191,6 +191,7 @@ def open_remote_blob(repo_blob_url: str, lower: Any, service: Any = None, downlo
             log.warning("%s: cannot use the cache in %s (%s); reading uncached", url, cache.dir, e)
             METRICS.error("cache_open")
         else:
+            store.on_mismatch = client.distrust_mirrors  # a mirror that served a mismatching blob: use the next source
             remote = CachedBlob(url, store, lambda off, v: client.read_range(loc, off, v, size), audit)
     if remote is None:
         remote = DirectBlob(url, client, loc, size)
