@@ -45,7 +45,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
@@ -434,17 +434,20 @@ def report(mode: str, res: dict[str, list[tuple[float, int]]], obd_total: int) -
 
 
 def scale_out(layers: int, layer_mib: int, reads: int) -> int:
-    """Origin bytes per node for 1 and 3 nodes, directly and through a pull-through mirror (issue 13).
+    """Origin bytes per node for 1 and 3 nodes, directly, through a pull-through mirror and through an nginx
+    slice cache (issue 13).
 
     Each node is its own process with its own block cache, reading `reads` random 4 KiB ranges of every
     layer lazily (what a container start does: a fraction of each layer). The mirror is docker-registry with
     `proxy: remoteurl:` (fresh storage per scenario), found through a containerd hosts directory; the origin
-    is reached through an access-logging proxy whose log is what the origin sent. Needs no root.
+    is reached through an access-logging proxy whose log is what the origin sent. Needs no root. With nginx
+    installed, two more scenarios use it as a range-caching site mirror (`slice 1m` + `proxy_cache_lock`).
 
     Per scenario: origin bytes (total, per node, against one direct node), and what the origin's GETs were:
     range GETs (a node reading from the origin itself), complete whole-blob GETs (the mirror's fills) and
     cut-short whole-blob GETs (docker-registry's stream to a node that answered its range request with 200
     while filling, which the node hung up on), with the number of such 200s the nodes got."""
+    from helpers.nginx_mirror import NGINX, NginxSliceMirror
     from registry.mirror_env import (  # tests/registry: the same site as test_mirror.py
         AccessLogProxy,
         PullThroughMirror,
@@ -481,16 +484,22 @@ def scale_out(layers: int, layer_mib: int, reads: int) -> int:
         rows: list[tuple[str, int, float, int, int, float, int, int, str]] = []
         per_node: dict[tuple[str, int], float] = {}
         # mirror: the 3 nodes start together on a cold mirror; staggered: one node first, then the other two
-        for mode, n in (("direct", 1), ("direct", 3), ("mirror", 1), ("mirror", 3), ("staggered", 3)):
+        scenarios = [("direct", 1), ("direct", 3), ("mirror", 1), ("mirror", 3), ("staggered", 3)]
+        scenarios += [("slice", 3), ("slicestag", 3)] if os.access(NGINX, os.X_OK) else []
+        for mode, n in scenarios:
             tag = f"{mode}{n}"
-            mirror = PullThroughMirror(work / f"m-{tag}", f"http://{proxy.host}") if mode != "direct" else None
+            mirror: Any = None
+            if mode.startswith("slice"):  # nginx slice cache (1 MiB slices) in front of the origin's proxy
+                mirror = NginxSliceMirror(work / f"m-{tag}", proxy.host, slice_size="1m")
+            elif mode != "direct":
+                mirror = PullThroughMirror(work / f"m-{tag}", f"http://{proxy.host}")
             hosts = write_hosts_dir(work / f"h-{tag}", proxy.host, mirror.host) if mirror else work / "none"
             proxy.reset()
             t0 = time.monotonic()
             got = []
             filling: dict[str, int] = {}  # 200 answers ("filling") the nodes got from the mirror, per blob
             later = 0
-            for wave in [[0], [1, 2]] if mode == "staggered" else [list(range(n))]:
+            for wave in [[0], [1, 2]] if mode in ("staggered", "slicestag") else [list(range(n))]:
                 wave_t0 = time.monotonic()
                 procs = [
                     start_node(node_service(work / f"n-{tag}-{i}", hosts), repo_url, descs, reads, 4096, 7)
@@ -502,7 +511,7 @@ def scale_out(layers: int, layer_mib: int, reads: int) -> int:
             took = time.monotonic() - t0
             time.sleep(1.0)  # anything the mirror still fetches in the background is counted too
             if mirror:
-                mirror.stop()
+                mirror.close() if isinstance(mirror, NginxSliceMirror) else mirror.stop()
             if any(g != want for g in got):
                 print(f"scale-out {tag}: WRONG BYTES read by a node", file=sys.stderr)
                 return 1
@@ -511,16 +520,19 @@ def scale_out(layers: int, layer_mib: int, reads: int) -> int:
             complete = sum(1 for d, v in gets.items() for x in v if x == sizes.get(d))
             cut = [x for d, v in gets.items() for x in v if x != sizes.get(d)]
             ranged = len(proxy.ranged_blob_gets())
+            twice = sum(proxy.overlap().values())  # bytes of a blob the origin sent more than once
             per_node[(mode, n)] = total / n
-            after = f"{later / MiB:.1f}" if mode == "staggered" else "-"
-            rows.append((tag, n, total, ranged, complete, max(cut, default=0), len(cut), sum(filling.values()), after))
+            after = f"{later / MiB:.1f}" if mode in ("staggered", "slicestag") else "-"
+            rows.append(
+                (tag, n, total, ranged, complete, max(cut, default=0), len(cut), sum(filling.values()), after, twice)
+            )
             print(
                 f"scale-out {mode:9s} {n} node(s): origin sent {total / MiB:7.1f} MiB = "
                 f"{total / n / MiB:6.1f} MiB/node ({total / n / image:.1%} of the {image / MiB:.0f} MiB image "
                 f"per node); at the origin: {ranged} range GETs, {complete} complete whole-blob GETs, "
                 f"{len(cut)} cut-short ones ({sum(cut) / MiB:.1f} MiB, largest {max(cut, default=0) / MiB:.1f}); "
-                f"mirror 200s to the nodes {sum(filling.values())}"
-                + (f"; nodes 2+3 added {later / MiB:.1f} MiB" if mode == "staggered" else "")
+                f"mirror 200s to the nodes {sum(filling.values())}; sent twice {twice / MiB:.1f} MiB"
+                + (f"; nodes 2+3 added {later / MiB:.1f} MiB" if mode in ("staggered", "slicestag") else "")
                 + f"; {took:.1f}s"
             )
         d1 = per_node[("direct", 1)]
@@ -534,18 +546,20 @@ def scale_out(layers: int, layer_mib: int, reads: int) -> int:
             "mirror1": "mirror (cold), 1 node",
             "mirror3": "mirror (cold), 3 nodes starting together",
             "staggered3": "mirror (cold), 1 node, then 2 together",
+            "slice3": "nginx slice cache (cold), 3 nodes starting together",
+            "slicestag3": "nginx slice cache (cold), 1 node, then 2 together",
         }
         print(f"\nblobs {len(descs)} x {layer_mib} MiB = {image / MiB:.0f} MiB\n")
         print(
             "| scenario | origin MiB | per node | per node / direct 1 node | range GETs at the origin "
             "| complete whole-blob GETs | cut-short GETs (largest MiB) | mirror 200s to nodes "
-            "| MiB added by nodes 2+3 |"
+            "| MiB added by nodes 2+3 | MiB the origin sent twice |"
         )
-        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-        for tag, n, total, ranged, complete, largest, ncut, n200, after in rows:
+        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for tag, n, total, ranged, complete, largest, ncut, n200, after, twice in rows:
             print(
                 f"| {names[tag]} | {total / MiB:.1f} | {total / n / MiB:.1f} | {total / n / d1:.2f}x | {ranged} "
-                f"| {complete} | {ncut} ({largest / MiB:.1f}) | {n200} | {after} |"
+                f"| {complete} | {ncut} ({largest / MiB:.1f}) | {n200} | {after} | {twice / MiB:.1f} |"
             )
         return 0
     finally:
