@@ -8,6 +8,7 @@ early), so the proxy logs every request with both: that log is "what the origin 
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import http.server
 import json
@@ -16,10 +17,12 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from helpers.registry import LoopbackHTTP, free_port, spawn_registry, stop_process_group
+from helpers.registry import LoopbackHTTP, Registry, build_layout, free_port, spawn_registry, stop_process_group
 
 REPO = Path(__file__).resolve().parents[2]
 HOP = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "te", "upgrade", "host"}
@@ -282,3 +285,43 @@ def finish_node(
         for d, n in doc["filling"].items():
             filling[d] = filling.get(d, 0) + n
     return dict(doc["hashes"])
+
+
+@contextlib.contextmanager
+def mirror_site(tmp: Path, make_mirror: Callable[[str], Any], blob_mib: int, blobs: int = 2) -> Iterator[dict]:
+    """An origin registry with `blobs` random blobs of `blob_mib` MiB pushed as library/app, the access-log
+    proxy in front of it, the mirror `make_mirror(proxy host)` returns, and a hosts dir naming that mirror.
+
+    Everybody reaches the origin through the logging proxy (nodes too, when they fall back), so its log is
+    everything the origin served; to the nodes "the registry" is the proxy's address."""
+    origin = Registry(tmp / "origin")
+    proxy = AccessLogProxy(origin.port)
+    mirror = None
+    try:
+        mirror = make_mirror(proxy.host)
+        datas, files = [], []
+        for i in range(blobs):
+            data = os.urandom(blob_mib << 20)
+            f = tmp / f"blob{i}"
+            f.write_bytes(data)
+            files.append(f)
+            datas.append(data)
+        layers = build_layout(tmp / "oci", "v1", files)
+        origin.push(tmp / "oci", "v1", "library/app")
+        site = {
+            "origin": origin,
+            "proxy": proxy,
+            "mirror": mirror,
+            "hosts": write_hosts_dir(tmp / "certs.d", proxy.host, mirror.host),
+            "layers": layers,
+            "pairs": list(zip(layers, datas, strict=True)),
+            "repo_url": f"http://{proxy.host}/v2/library/app/blobs",
+            "tmp": tmp,
+        }
+        proxy.reset()  # the push went to the origin directly; count only what nodes cause
+        yield site
+    finally:
+        if mirror is not None:
+            (getattr(mirror, "close", None) or mirror.stop)()
+        proxy.close()
+        origin.close()

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers.registry import LoopbackHTTP, Registry, need_tools
 from overlaybd.config.service import service_config_from_dict
 from overlaybd.config.snapshotter import config_from_dict
 from overlaybd.registry.client import FILL_MARGIN, FILL_POLL, FILL_POLL_MAX, MIRROR_SHARE, RegistryClient
@@ -30,16 +31,11 @@ from .mirror_env import (
     PullThroughMirror,
     expected_reads,
     finish_node,
+    mirror_site,
     node_service,
     start_node,
     write_hosts_dir,
 )
-
-try:
-    from helpers.registry import LoopbackHTTP, Registry, build_layout, need_tools
-except ImportError:  # pragma: no cover
-    from .conftest import LoopbackHTTP, Registry, build_layout  # type: ignore[no-redef,attr-defined]
-    from .conftest import _need_tools as need_tools
 
 # ---------------------------------------------------------------------------------------------- parsing
 
@@ -153,37 +149,10 @@ BLOB_MIB = 24
 def site(tmp_path: Path):
     """origin registry with two BLOB_MIB MiB blobs, the access-log proxy, the pull-through mirror, a hosts dir."""
     need_tools()
-    origin = Registry(tmp_path / "origin")
-    proxy = AccessLogProxy(origin.port)
-    mirror = PullThroughMirror(tmp_path / "mirror", f"http://{proxy.host}")
-    blobs = []
-    files = []
-    for i in range(2):
-        data = os.urandom(BLOB_MIB * MiB)
-        f = tmp_path / f"blob{i}"
-        f.write_bytes(data)
-        files.append(f)
-        blobs.append(data)
-    layers = build_layout(tmp_path / "oci", "v1", files)
-    origin.push(tmp_path / "oci", "v1", "library/app")
-    # Everybody reaches the origin through the logging proxy (nodes too, when they fall back), so its log is
-    # everything the origin served; to the nodes "the registry" is the proxy's address.
-    hosts = write_hosts_dir(tmp_path / "certs.d", proxy.host, mirror.host)
-    site = {
-        "origin": origin,
-        "proxy": proxy,
-        "mirror": mirror,
-        "hosts": hosts,
-        "layers": layers,
-        "pairs": list(zip(layers, blobs, strict=True)),
-        "repo_url": f"http://{proxy.host}/v2/library/app/blobs",
-        "tmp": tmp_path,
-    }
-    proxy.reset()  # the push went to the origin directly; count only what nodes cause
-    yield site
-    mirror.stop()
-    proxy.close()
-    origin.close()
+    with mirror_site(
+        tmp_path, lambda origin: PullThroughMirror(tmp_path / "mirror", f"http://{origin}"), BLOB_MIB
+    ) as s:
+        yield s
 
 
 def _run_nodes(site: dict, names: list[str], **svc: int) -> list[dict[str, str]]:

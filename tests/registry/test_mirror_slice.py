@@ -27,13 +27,14 @@ from pathlib import Path
 
 import pytest
 from helpers.nginx_mirror import NginxSliceMirror, need_nginx
-from helpers.registry import LoopbackHTTP, Registry, build_layout, need_tools
+from helpers.registry import LoopbackHTTP, need_tools
 
 from .mirror_env import (
     REPO,
     AccessLogProxy,
     expected_reads,
     finish_node,
+    mirror_site,
     node_service,
     start_node,
     write_hosts_dir,
@@ -52,35 +53,9 @@ def site(tmp_path: Path):
     """origin registry with two 6 MiB blobs, the access-log proxy, the nginx slice mirror, a hosts dir."""
     need_tools()
     need_nginx()
-    origin = Registry(tmp_path / "origin")
-    proxy = AccessLogProxy(origin.port)
-    mirror = NginxSliceMirror(tmp_path / "mirror", proxy.host, slice_size=f"{SLICE >> 10}k")
-    blobs, files = [], []
-    for i in range(2):
-        data = os.urandom(6 * MiB)
-        f = tmp_path / f"blob{i}"
-        f.write_bytes(data)
-        files.append(f)
-        blobs.append(data)
-    layers = build_layout(tmp_path / "oci", "v1", files)
-    origin.push(tmp_path / "oci", "v1", "library/app")
-    # to the nodes "the registry" is the logging proxy (also when they fall back), the mirror is nginx
-    hosts = write_hosts_dir(tmp_path / "certs.d", proxy.host, mirror.host)
-    site = {
-        "origin": origin,
-        "proxy": proxy,
-        "mirror": mirror,
-        "hosts": hosts,
-        "layers": layers,
-        "pairs": list(zip(layers, blobs, strict=True)),
-        "repo_url": f"http://{proxy.host}/v2/library/app/blobs",
-        "tmp": tmp_path,
-    }
-    proxy.reset()  # the push went to the origin directly; count only what nodes cause
-    yield site
-    mirror.close()
-    proxy.close()
-    origin.close()
+    slices = f"{SLICE >> 10}k"
+    with mirror_site(tmp_path, lambda origin: NginxSliceMirror(tmp_path / "mirror", origin, slice_size=slices), 6) as s:
+        yield s
 
 
 def _start(site: dict, name: str, hosts: Path | None = None, deadline: int = NODE_DEADLINE):
