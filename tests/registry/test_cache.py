@@ -276,6 +276,51 @@ def test_digest_mismatch_blamed_on_a_mirror_refetches_from_the_next_source(tmp_p
     f.close()
 
 
+def test_blamed_mismatch_during_sequential_readahead_settles_on_the_right_bytes(tmp_path):
+    """The same with a sequential reader whose readahead has pieces from the liar in flight when the verdict
+    comes: reads may fail (EIO) until the liar's pieces are gone (or none does, when the verdict falls
+    between two reads and the reader has not reached the wrong byte yet), but a full read that succeeds
+    returns the right bytes, and once every page has been fetched again the blob is complete and verified
+    (pages read before the verdict were emptied with the rest: a second pass refetches them)."""
+    good = os.urandom(6 << 20)
+    bad = bytearray(good)
+    bad[5_000_000] ^= 1
+    src = Source(bytes(bad))
+    cache = BlockCache(str(tmp_path), 1 << 30, 65536)
+    st = cache.open_blob(digest(good), len(good))
+
+    def drop_mirror(d: str) -> str:
+        src.data = good
+        return "mirror http://mirror.example"
+
+    st.on_mismatch = drop_mirror
+    f = CachedBlob("blob", st, src.fetch)
+
+    def read_all() -> bytes:
+        out = bytearray()
+        for off in range(0, len(good), 65536):
+            out += f.pread(65536, off)
+        return bytes(out)
+
+    failures = 0
+    for _ in range(4):
+        try:
+            got = read_all()
+        except OSError as e:
+            assert e.errno == 5
+            failures += 1
+            continue
+        assert got == good
+        break
+    else:
+        raise AssertionError("no full read succeeded")
+    assert failures <= 2 and not st.failed
+    assert read_all() == good
+    f.flush()
+    assert st.complete
+    f.close()
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_whole_blob_check_whatever_order_pieces_are_stored(tmp_path, seed):
     """The running sha256 is extended from memory for pieces stored at its front and from the data file for

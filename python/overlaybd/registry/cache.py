@@ -480,9 +480,12 @@ class BlobStore:
         self.verified[first : first + count] = b"\x01" * count
         return True
 
-    def store(self, start: int, data: memoryview) -> None:
+    def store(self, start: int, data: memoryview, epoch: int = -1) -> None:
         """Write the whole pages of a fetched span, then their records; a partial page is stored only when it is
-        the blob's tail. A disk-full write is read through (nothing recorded); other errors disable caching."""
+        the blob's tail. A disk-full write is read through (nothing recorded); other errors disable caching.
+
+        `epoch`: `mismatches` when the span's fetch began; bytes fetched before a digest mismatch verdict
+        (from the source it blamed) are not stored after it."""
         if self.disabled or self.failed:
             return
         if time.monotonic() < self.cache.full_until:
@@ -505,14 +508,14 @@ class BlobStore:
             recs[2 * i + 1] = MARK
         self._hash_claim = start  # the hasher thread stops short of this span: it is hashed from memory below
         try:
-            self._store(start, data, first, count, recs)
+            self._store(start, data, first, count, recs, epoch)
         finally:
             self._hash_claim = -1
 
-    def _store(self, start: int, data: memoryview, first: int, count: int, recs: array[int]) -> None:
+    def _store(self, start: int, data: memoryview, first: int, count: int, recs: array[int], epoch: int) -> None:
         err: OSError | None = None
         with self._lock:  # serialised with reset_files: no record for data an eviction truncated meanwhile
-            if self.closed:
+            if self.closed or (epoch >= 0 and epoch != self.mismatches):
                 return
             gen = self.generation()
             try:
@@ -658,8 +661,9 @@ class BlobStore:
         METRICS.error("digest_mismatch")
         msg = f"blob {self.digest} ({self.size} bytes) as served by the registry hashes to sha256:{got}"
         self.cache.used = max(0, self.cache.used - self.npages * PAGE)
+        with self._lock:  # before the reset: a store of bytes fetched before this verdict is refused from now on
+            self.mismatches += 1
         self.reset_files()
-        self.mismatches += 1
         if at_open:
             log.error("cache %s: %s; emptied it (fetched by an earlier run), refetching on demand", self.digest, msg)
             return False

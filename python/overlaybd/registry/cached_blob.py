@@ -268,6 +268,7 @@ class CachedBlob:
         """Fetch p's range; its data is usable by waiters as soon as it arrives, stored to disk afterwards."""
         buf = _BUFFERS.get(p.end - p.start)  # reused: no zeroing and page faults per fetch
         data = memoryview(buf)[: p.end - p.start]
+        p.epoch = self.store.mismatches
         t0 = time.monotonic()
         try:
             got = self.fetch(p.start, data)
@@ -291,7 +292,7 @@ class CachedBlob:
 
         def write() -> None:
             try:
-                st.store(p.start, data)
+                st.store(p.start, data, p.epoch)
             except Exception as e:  # a failed cache write only costs a later refetch
                 log.warning("%s: cache write failed: %s", self.name, e)
             finally:
@@ -341,10 +342,11 @@ class CachedBlob:
             for p in waits:
                 p.ready.wait()
                 data = p.data
-                if data is not None:
+                if data is not None and p.epoch == mismatches:
                     self._copy_out(view, offset, p.start, data)
                     continue
-                # the other fetch failed: read what we need ourselves (cache first)
+                # the other fetch failed, or began before a digest mismatch verdict (its bytes may be the blamed
+                # source's): read what we need ourselves (cache first)
                 lo, hi = max(p.start, offset // R * R), min(p.end, end)
                 for blk in range(lo, hi, R):
                     bend = min(blk + R, self._size)
@@ -432,11 +434,12 @@ class CachedBlob:
 class _Pending:
     """A range being fetched: `ready` is set when `data` arrived (or the fetch failed: data stays None)."""
 
-    __slots__ = ("start", "end", "data", "buf", "refs", "ready", "finished")
+    __slots__ = ("start", "end", "data", "buf", "refs", "ready", "finished", "epoch")
 
     def __init__(self, start: int, end: int) -> None:
         self.start = start
         self.end = end
+        self.epoch = -1  # the store's `mismatches` when the fetch began
         self.data: memoryview | None = None
         self.buf: Buffer | None = None  # from _BUFFERS; returned when the last reference is dropped
         self.refs = 0
