@@ -33,7 +33,6 @@ import random
 import re
 import resource
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -52,6 +51,7 @@ from overlaybd.format.fileio import LocalFile  # noqa: E402
 from overlaybd.image.image import open_image  # noqa: E402
 from overlaybd.registry import open_remote_blob  # noqa: E402
 from overlaybd.registry.metrics import METRICS  # noqa: E402
+from startup import CountingProxy  # noqa: E402  (bench/startup.py: the same relay, counting what it sends)
 
 VECTORS = Path(os.environ.get("OVERLAYBD_VECTORS", REPO.parent / "shared" / "vectors"))
 CHUNK = 1 << 20
@@ -225,62 +225,26 @@ def run(args, tmp: Path, reg: Registry) -> None:
         startup(tmp, reg)
 
 
-class LinkRelay:
+class LinkRelay(CountingProxy):
     """A TCP relay in front of the registry that paces the bytes it sends back to `mbit` Mbit/s in total
     (one token bucket shared by all connections, like one network link). Why: on loopback both sides are
     CPU-bound and the ratio is a CPU budget; a node pulls through a network link, where the question is
     whether the product keeps the link busy. `tc` shaping needs kernel modules this machine lacks."""
 
     def __init__(self, upstream: tuple[str, int], mbit: int) -> None:
-        self.upstream = upstream
         self.rate = mbit * 1_000_000 / 8  # bytes/s
-        self.lock = threading.Lock()
+        self.pace_lock = threading.Lock()
         self.next_free = time.monotonic()
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.host = f"127.0.0.1:{self.sock.getsockname()[1]}"
-        self.closed = False
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__(upstream)
+        self.host = f"127.0.0.1:{self.port}"
 
-    def _accept(self) -> None:
-        while not self.closed:
-            try:
-                down, _ = self.sock.accept()
-            except OSError:
-                return
-            up = socket.create_connection(self.upstream)
-            threading.Thread(target=self._pump, args=(down, up, False), daemon=True).start()
-            threading.Thread(target=self._pump, args=(up, down, True), daemon=True).start()
-
-    def _pace(self, n: int) -> None:
-        with self.lock:  # reserve the link time for n bytes, then wait for its start
+    def _before_send(self, n: int) -> None:
+        with self.pace_lock:  # reserve the link time for n bytes, then wait for its start
             now = time.monotonic()
             start = max(now, self.next_free)
             self.next_free = start + n / self.rate
         if start > now:
             time.sleep(start - now)
-
-    def _pump(self, src: socket.socket, dst: socket.socket, paced: bool) -> None:
-        try:
-            while True:
-                data = src.recv(65536)
-                if not data:
-                    break
-                if paced:
-                    self._pace(len(data))
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for x in (src, dst):
-                try:
-                    x.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-                x.close()
-
-    def close(self) -> None:
-        self.closed = True
-        self.sock.close()
 
 
 def link(args, tmp: Path, reg: Registry) -> None:

@@ -94,6 +94,8 @@ class CountingProxy:
         view = memoryview(buf)
         try:
             while n := src.recv_into(buf):
+                if count:
+                    self._before_send(n)
                 dst.sendall(view[:n])
                 if count:
                     with self.lock:
@@ -106,6 +108,9 @@ class CountingProxy:
                     s.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+
+    def _before_send(self, n: int) -> None:
+        """Called before n bytes go registry -> client (bench/registry.py's LinkRelay paces here)."""
 
     def take(self) -> int:
         with self.lock:
