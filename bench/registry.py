@@ -57,6 +57,17 @@ VECTORS = Path(os.environ.get("OVERLAYBD_VECTORS", REPO.parent / "shared" / "vec
 CHUNK = 1 << 20
 
 
+def push_random_blob(tmp: Path, reg: Registry, name: str, mib: int) -> tuple[Path, str]:
+    """A blob of `mib` MiB of random bytes, pushed as the one layer of bench/<name>: (its file, its digest)."""
+    blob = tmp / f"{name}.bin"
+    with open(blob, "wb") as f:
+        for _ in range(mib):
+            f.write(os.urandom(CHUNK))
+    layers = build_layout(tmp / f"oci-{name}", name, [blob])
+    reg.push(tmp / f"oci-{name}", name, f"bench/{name}")
+    return blob, layers[0]["digest"]
+
+
 def service(cache_dir: str, refill: int = 262144):
     return service_config_from_dict(
         {
@@ -121,13 +132,7 @@ def main() -> None:
 
 def run(args, tmp: Path, reg: Registry) -> None:
     size = args.mib << 20
-    blob = tmp / "blob.bin"
-    with open(blob, "wb") as f:
-        for _ in range(args.mib):
-            f.write(os.urandom(CHUNK))
-    layers = build_layout(tmp / "oci", "big", [blob])
-    reg.push(tmp / "oci", "big", "bench/big")
-    digest = layers[0]["digest"]
+    blob, digest = push_random_blob(tmp, reg, "big", args.mib)
     repo_url = f"http://{reg.host}/v2/bench/big/blobs"
     url = f"{repo_url}/{digest}"
 
@@ -250,12 +255,7 @@ class LinkRelay(CountingProxy):
 def link(args, tmp: Path, reg: Registry) -> None:
     """7. cold sequential through a paced link (default 1 Gbit/s) vs curl through the same link."""
     n = args.link_mib << 20  # a blob of its own, read whole (the product's read ends with its digest check)
-    blob = tmp / "link.bin"
-    with open(blob, "wb") as f:
-        for _ in range(args.link_mib):
-            f.write(os.urandom(CHUNK))
-    digest = build_layout(tmp / "oci-link", "link", [blob])[0]["digest"]
-    reg.push(tmp / "oci-link", "link", "bench/link")
+    _, digest = push_random_blob(tmp, reg, "link", args.link_mib)
     # The relay runs in a process of its own: its threads must not compete for this process's GIL.
     relay = subprocess.Popen(
         [sys.executable, __file__, "--relay", reg.host, "--link-mbit", str(args.link_mbit)],

@@ -184,8 +184,7 @@ def download_layer(f: Any, cfg: Any, audit: AuditLog, cancelled: Any = lambda: F
         if got_hex != want:
             _discard(partial)
             METRICS.error("digest_mismatch")  # the same kind as the block cache's whole-blob check
-            client = getattr(f, "client", None)  # the next try skips a mirror that served these bytes
-            blame = client.distrust_mirrors(f.digest) if client is not None else ""
+            blame = f.client.distrust_mirrors(f.digest)  # the next try skips a mirror that served these bytes
             raise DigestMismatch(
                 f"{f.name}: downloaded content hashes to sha256:{got_hex}, expected {f.digest}; discarded {partial}"
                 + (f"; served by {blame}, not used for this blob again" if blame else "")
