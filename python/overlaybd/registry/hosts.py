@@ -132,18 +132,7 @@ def parse_hosts_toml(text: str, registry: str, origin_scheme: str, path: str = "
             raise ValueError(f"{path}: [host.{json.dumps(url)}]: needs an http(s)://host[:port][/path] URL")
         scheme, host, prefix = parsed
         api = prefix if spec.get("override_path") is True else prefix + "/v2"
-        out.append(
-            Endpoint(
-                scheme,
-                host,
-                api,
-                _capabilities(spec.get("capabilities"), ALL_CAPABILITIES),
-                spec.get("skip_verify") is True,
-                _headers(spec.get("header")),
-                origin=host == registry and api == "/v2",
-                source=path,
-            )
-        )
+        out.append(_endpoint(scheme, host, api, spec, host == registry and api == "/v2", path))
     server = doc.get("server")
     if isinstance(server, str) and server:
         parsed = _parse_url(server)
@@ -154,19 +143,22 @@ def parse_hosts_toml(text: str, registry: str, origin_scheme: str, path: str = "
         api = prefix if doc.get("override_path") is True else prefix + "/v2"
     else:
         scheme, host, api = origin_scheme, registry, "/v2"
-    out.append(
-        Endpoint(
-            scheme,
-            host,
-            api,
-            _capabilities(doc.get("capabilities"), ALL_CAPABILITIES),
-            doc.get("skip_verify") is True,
-            _headers(doc.get("header")),
-            origin=True,
-            source=path,
-        )
-    )
+    out.append(_endpoint(scheme, host, api, doc, True, path))
     return out
+
+
+def _endpoint(scheme: str, host: str, api: str, table: dict[str, Any], origin: bool, path: str) -> Endpoint:
+    """An endpoint with the per-host settings of its hosts.toml table ([host."<url>"] or the top level)."""
+    return Endpoint(
+        scheme,
+        host,
+        api,
+        _capabilities(table.get("capabilities"), ALL_CAPABILITIES),
+        table.get("skip_verify") is True,
+        _headers(table.get("header")),
+        origin=origin,
+        source=path,
+    )
 
 
 class _Watched:
